@@ -402,3 +402,39 @@ def reference_attention(
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return torch.matmul(probs, vf)
+
+
+# ---------------------------------------------------------------------------------------------- storage layout
+def store_shapes(fmt: KVFormat, role: Role, batch: int, heads: int, capacity: int,
+                 head_dim: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors of a QTensor holding ``capacity`` tokens (the runtime's preallocated storage)."""
+    b, h, t, d = batch, heads, capacity, head_dim
+    if fmt.kind == "fp16":
+        return {"data": (b, h, t, d)}
+    codes = (b, h, t, d * fmt.bits // 8)
+    if fmt.kind in ("int-token", "nsep"):
+        return {"codes": codes, "r": (b, h, t)}
+    meta = (b, h, t // fmt.group, d) if role == "k" else (b, h, t, math.ceil(d / fmt.group))
+    return {"codes": codes, "scale": meta, "zero": meta}
+
+
+def empty_store(fmt: KVFormat, role: Role, batch: int, heads: int, capacity: int, head_dim: int,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float16) -> QTensor:
+    """Allocate uninitialised storage for ``capacity`` tokens (``dtype`` is used for fp16-format data only)."""
+    out: QTensor = {}
+    for name, shape in store_shapes(fmt, role, batch, heads, capacity, head_dim).items():
+        dt = torch.uint8 if name == "codes" else (dtype if name == "data" else torch.float16)
+        out[name] = torch.empty(shape, dtype=dt, device=device)
+    return out
+
+
+def token_axis_length(fmt: KVFormat, role: Role, name: str, tokens: int) -> int:
+    """How many rows along the token axis (dim 2) tensor ``name`` of a store needs for ``tokens`` tokens."""
+    if fmt.kind == "kivi" and role == "k" and name in ("scale", "zero"):
+        return -(-tokens // fmt.group)
+    return tokens
+
+
+def slice_store(qt: QTensor, fmt: KVFormat, role: Role, tokens: int) -> QTensor:
+    """The first ``tokens`` tokens of a store (views, no copy)."""
+    return {name: t[:, :, : token_axis_length(fmt, role, name, tokens)] for name, t in qt.items()}
