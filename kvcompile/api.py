@@ -41,18 +41,13 @@ def build(model: str, out: str | Path, *, recipe: str = "mixed-nsep", budget_bit
     writes the artifact atomically.
     """
     from kvcompile.artifact import write_artifact
-    from kvcompile.models import check_model_ref, model_identity
-    from kvcompile.pipeline import CompileContext, load_recipe, run_recipe
+    from kvcompile.models import model_identity
 
-    rec = load_recipe(recipe)  # a malformed recipe fails before any model is loaded
-    check_model_ref(model)
-    ctx = CompileContext(model, calib=calib, device=device, overrides={
-        "budget_bits": budget_bits, "window": window, "sinks": sinks, "windows": windows, "seq_len": seq_len})
     t0 = time.perf_counter()
-    run_recipe(rec, ctx)
+    ctx, rec = compile_model(model, recipe, budget_bits=budget_bits, window=window, sinks=sinks, calib=calib,
+                             windows=windows, seq_len=seq_len, device=device, lower_model=False)
     plan = ctx.plan
     assert plan is not None
-    plan.meta.update({"recipe": rec.name})
     metrics = {"build_seconds": None, "pass_seconds": ctx.timings, **_measure_cache(ctx, verify_tokens)}
     metrics["build_seconds"] = round(time.perf_counter() - t0, 2)
     identity = model_identity(ctx.resolved, ctx.model.config)
@@ -71,6 +66,31 @@ def build(model: str, out: str | Path, *, recipe: str = "mixed-nsep", budget_bit
     return path
 
 
+def compile_model(model: str, recipe: str = "mixed-nsep", *, budget_bits: float | None = None,
+                  window: int | None = None, sinks: int | None = None, calib: str = "austen",
+                  windows: int | None = None, seq_len: int | None = None, device: str = "cpu",
+                  lower_model: bool = True) -> tuple[Any, Any]:
+    """Run a recipe in memory, without writing an artifact: returns ``(ctx, recipe)``.
+
+    ``ctx.model`` (lowered onto the quantized runtime when ``lower_model``), ``ctx.tokenizer``, ``ctx.plan``,
+    ``ctx.params`` and ``ctx.profile`` hold the results. Used by ``build`` and by ``eval`` with ``--recipe``.
+    """
+    from kvcompile.models import check_model_ref
+    from kvcompile.passes.lower import lower
+    from kvcompile.pipeline import CompileContext, load_recipe, run_recipe
+
+    rec = load_recipe(recipe)  # a malformed recipe fails before any model is loaded
+    check_model_ref(model)
+    ctx = CompileContext(model, calib=calib, device=device, overrides={
+        "budget_bits": budget_bits, "window": window, "sinks": sinks, "windows": windows, "seq_len": seq_len})
+    run_recipe(rec, ctx)
+    assert ctx.plan is not None
+    ctx.plan.meta.update({"recipe": rec.name})
+    if lower_model:
+        lower(ctx.model, ctx.plan, ctx.params.to(ctx.model.device))
+    return ctx, rec
+
+
 def _save_model(ctx: Any, folder: Path) -> None:
     folder.mkdir(parents=True)
     ctx.model.save_pretrained(folder, safe_serialization=True)
@@ -83,7 +103,7 @@ def _measure_cache(ctx: Any, tokens: int) -> dict[str, Any]:
     from kvcompile.passes.lower import lower
 
     ids = token_windows(ctx.calib, ctx.tokenizer, split="calib", n_windows=1, seq_len=tokens, seed=1)
-    model = lower(ctx.model, ctx.plan, ctx.params)
+    model = lower(ctx.model, ctx.plan, ctx.params.to(ctx.model.device))
     cache = model.kvcompile.new_cache()
     with torch.no_grad():
         model(ids.to(model.device), past_key_values=cache, use_cache=True)
@@ -144,8 +164,16 @@ def load(path: str | Path, device: str = "cpu", *, model: str | None = None, mod
 def evaluate(target: str, task: str, *, recipe: str | None = None, data: str = "austen",
              max_tokens: int | None = None, ctx: int = 2048, chunk: int = 128, protocol: str = "runtime",
              json_path: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Evaluate quality (ppl, needle or fidelity) of an artifact, or of a model reference with ``recipe``."""
-    raise NotImplementedError("kvcompile eval is not implemented yet")
+    """Evaluate quality (ppl, needle or fidelity) of an artifact, or of a model reference with ``recipe``.
+
+    The fp16 baseline comes from the same model, windows and settings in the same run. Returns (and with
+    ``json_path`` writes) ``{"task", "model", "recipe", "avg_bits", "bytes_per_token", "fp16", "quantized", "delta",
+    "n_tokens", "settings"}``.
+    """
+    from kvcompile.eval import evaluate as run_eval
+
+    return run_eval(target, task, recipe=recipe, data=data, max_tokens=max_tokens, ctx=ctx, chunk=chunk,
+                    protocol=protocol, json_path=json_path, device=device)
 
 
 def inspect(artifact: str | Path) -> None:

@@ -115,6 +115,8 @@ class QuantizedLayer(CacheLayerMixin):
             self.k_mean = self.k_mean.to(self.device, self.dtype)[None, :, None, :]
         if self.v_mean is not None:
             self.v_mean = self.v_mean.to(self.device, self.dtype)[None, :, None, :]
+        self.quant_capacity = -1  # allocate empty stores now, so kernels and batch ops always see real tensors
+        self._ensure_quant_capacity(0)
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
