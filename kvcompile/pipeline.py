@@ -179,6 +179,8 @@ class CompileContext:
     tokenizer: Any = None
     resolved: Any = None
     calib: str = "austen"
+    #: token windows to calibrate on instead of reading ``calib`` (benchmarks on random-weight models)
+    calib_ids: Any = None
     device: str = "cpu"
     overrides: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, int] = field(default_factory=dict)
@@ -235,3 +237,8 @@ def run_recipe(recipe: Recipe, ctx: CompileContext) -> CompileContext:
 
 # Importing the pass modules registers them (they import register_pass from here).
 from kvcompile.passes import stages as _stages  # noqa: E402,F401
+
+try:  # the optional smoothing/clipping passes (issue 6)
+    from kvcompile.passes import smooth as _smooth  # noqa: F401
+except ImportError:  # pragma: no cover - until smooth.py lands
+    pass

@@ -34,7 +34,10 @@ def profile_pass(ctx: CompileContext, windows: int = 32, seq_len: int = 1024, ho
     ensure_model(ctx)
     n = int(ctx.option({"windows": windows}, "windows", windows))
     length = int(ctx.option({"seq_len": seq_len}, "seq_len", seq_len))
-    ids = token_windows(ctx.calib, ctx.tokenizer, split="calib", n_windows=n, seq_len=length, seed=0)
+    if ctx.calib_ids is not None:
+        ids = ctx.calib_ids
+    else:
+        ids = token_windows(ctx.calib, ctx.tokenizer, split="calib", n_windows=n, seq_len=length, seed=0)
     cands = tuple(candidates or DEFAULT_CANDIDATES) if sensitivity else ()
     ctx.profile = profile_model(ctx.model, ids, holdout=min(holdout, max(1, ids.shape[0] - 1)),
                                 window=ctx.runtime["window"], sinks=ctx.runtime["sinks"], candidates=cands)

@@ -34,23 +34,37 @@ ATTN_NAME = "kvcompile"
 
 def _eager(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float,
            softcap: float | None, causal_offset: int | None) -> Tensor:
-    """Attention over ``[B, Hq, T, d]`` queries and ``[B, Hkv, L, d]`` keys, GQA by repetition; returns ``[B,Hq,T,d]``."""
-    rep = query.shape[1] // key.shape[1]
-    if rep > 1:
-        key = key.repeat_interleave(rep, dim=1)
-        value = value.repeat_interleave(rep, dim=1)
-    if mask is None and causal_offset is not None:
-        t, length = query.shape[2], key.shape[2]
-        qpos = torch.arange(t, device=query.device) + causal_offset
-        mask = (torch.arange(length, device=query.device)[None, :] <= qpos[:, None])[None, None]
+    """Attention of ``[B, Hq, T, d]`` queries over ``[B, Hkv, L, d]`` keys (GQA); returns ``[B, Hq, T, d]``.
+
+    ``mask`` is transformers' 4D boolean mask; without one, queries sit at positions ``causal_offset + i`` and
+    attend causally.
+    """
+    t, length = query.shape[2], key.shape[2]
     if softcap is None:
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        gqa = query.shape[1] != key.shape[1]
+        if mask is None and causal_offset == 0 and t == length:
+            # plain causal prefill: let SDPA pick its fused (flash / memory-efficient) kernel
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                                    scale=scaling, enable_gqa=gqa)
+        if mask is None and causal_offset is not None:
+            mask = _causal(t, length, causal_offset, query.device)
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                                enable_gqa=gqa)
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     scores = softcap * torch.tanh(scores / softcap)
+    if mask is None and causal_offset is not None:
+        mask = _causal(t, length, causal_offset, query.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     return torch.matmul(probs, value)
+
+
+def _causal(t: int, length: int, offset: int, device: torch.device) -> Tensor:
+    qpos = torch.arange(t, device=device) + offset
+    return (torch.arange(length, device=device)[None, :] <= qpos[:, None])[None, None]
 
 
 def _group_past(layer: QuantizedLayer, g: HeadGroup, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

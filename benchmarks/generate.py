@@ -1,0 +1,261 @@
+"""End-to-end decode speed and memory on a GPU: fp16 transformers cache (SDPA) vs kvcompile recipes.
+
+For a model (a zoo model, or random weights with the shape of Llama-3-8B / Qwen2.5-7B built from a config, so nothing
+is downloaded): prefill P tokens, then decode N tokens at batch B, with
+
+* ``fp16-static``: transformers' StaticCache + SDPA (preallocated, the stronger fp16 baseline),
+* ``fp16-dynamic``: transformers' default DynamicCache + SDPA,
+* kvcompile recipes: nsep-int4, mixed-nsep, mixed-nsep-2bit, kivi-int4 (plans built by the real passes; on a
+  random-weight model the profile runs on random token windows, which fixes the byte mix the allocator picks).
+
+Reports decode tokens/s, time per output token (median step), peak GPU memory, KV bytes held, and the largest batch
+whose KV cache at the same context fits a memory cap (from the measured bytes per token and the measured fixed
+memory; ``--verify-max-batch`` also allocates it for real). The prefill runs at batch 1 and the cache is repeated
+across the batch (decode cost does not depend on the sequences being different), which keeps the run short.
+
+Usage (on the GPU machine)::
+
+    python benchmarks/generate.py --model llama3-8b-shape --prefill 32768 --decode 64 --batch 8 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b-shape": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                            rope_theta=500000.0, max_position_embeddings=131072),
+    "qwen2.5-7b-shape": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                             num_attention_heads=28, num_key_value_heads=4, head_dim=128, vocab_size=152064,
+                             rope_theta=1000000.0, max_position_embeddings=131072),
+}
+
+
+def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name in SHAPES:
+        spec = dict(SHAPES[name])
+        cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
+        cfg._attn_implementation = "sdpa"
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        # small random weights keep activations finite over a long context
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.02)
+        return model.eval()
+    from kvcompile.models import load_model
+
+    model, _ = load_model(name, device="cuda", dtype=dtype)
+    return model
+
+
+def make_plan(model: torch.nn.Module, recipe: str, calib_ids: torch.Tensor) -> tuple[Any, Any]:
+    """Run the recipe's passes on ``model`` with token windows ``calib_ids`` (no tokenizer/text needed)."""
+    from kvcompile.pipeline import CompileContext, load_recipe, run_recipe
+
+    rec = load_recipe(recipe)
+    ctx = CompileContext(model_ref="<in-memory>", model=model, calib="<random ids>", calib_ids=calib_ids,
+                         device="cuda")
+    run_recipe(rec, ctx)
+    return ctx.plan, ctx.params
+
+
+def kv_bytes_dynamic(cache: Any) -> int:
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def run_one(model: torch.nn.Module, kind: str, plan: Any, params: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import DynamicCache, StaticCache
+
+    from kvcompile.passes.lower import lower
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    vocab = model.config.vocab_size
+    g = torch.Generator(device="cuda").manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, args.prefill), device="cuda", generator=g)
+    if kind == "fp16-static":
+        model.set_attn_implementation("sdpa")
+        cache = StaticCache(config=model.config, max_cache_len=args.prefill + args.decode + 8)
+    elif kind == "fp16-dynamic":
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache()
+    else:
+        lower(model, plan, params.to("cuda"))
+        cache = model.kvcompile.new_cache()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        if kind == "fp16-static":
+            # a static cache is sized for the batch up front: prefill the whole batch
+            cache = StaticCache(config=model.config, max_cache_len=args.prefill + args.decode + 8)
+            out = model(prompt.expand(args.batch, -1), past_key_values=cache, use_cache=True)
+        else:
+            out = model(prompt, past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(args.batch)
+        torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - t0
+        nxt = out.logits[:, -1:].argmax(-1).expand(args.batch, 1).contiguous()
+        del out
+        steps: list[float] = []
+        for i in range(args.decode + args.warmup):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            o = model(nxt, past_key_values=cache, use_cache=True)
+            nxt = o.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            if i >= args.warmup:
+                steps.append(time.perf_counter() - t)
+            del o
+    peak = torch.cuda.max_memory_allocated()
+    if kind.startswith("fp16"):
+        kv = kv_bytes_dynamic(cache)
+        if kind == "fp16-static":  # static cache holds max_cache_len slots; count the tokens actually held
+            kv = int(kv * (args.prefill + args.decode + args.warmup) / (args.prefill + args.decode + 8))
+    else:
+        kv = cache.storage_bytes()
+    tokens = args.prefill + args.decode + args.warmup
+    med = statistics.median(steps)
+    res = {"kind": kind, "batch": args.batch, "context": args.prefill, "median_step_ms": 1000 * med,
+           "tokens_per_s": args.batch / med, "prefill_s": prefill_s, "peak_gb": peak / 1e9,
+           "kv_bytes": kv, "kv_bytes_per_token_per_seq": kv / (tokens * args.batch),
+           "fixed_gb": base_mem / 1e9}
+    if plan is not None:
+        res["avg_bits"] = plan.avg_bits()
+    del cache
+    torch.cuda.empty_cache()
+    return res
+
+
+def profile_step(model: torch.nn.Module, plan: Any, params: Any, args: argparse.Namespace) -> dict[str, float]:
+    """Split one kvcompile decode step's GPU time into attention kernels, quantize kernels and the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvcompile.passes.lower import lower
+
+    lower(model, plan, params.to("cuda"))
+    cache = model.kvcompile.new_cache()
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), device="cuda")
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(args.batch)
+        nxt = torch.zeros(args.batch, 1, dtype=torch.long, device="cuda")
+        for _ in range(3):
+            model(nxt, past_key_values=cache, use_cache=True)
+        torch.cuda.synchronize()
+        n = 8
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                model(nxt, past_key_values=cache, use_cache=True)
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+    attn = quant = other = 0.0
+    for ev in prof.key_averages():
+        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        name = ev.key.lower()
+        if "decode" in name or "merge" in name:
+            attn += us
+        elif "quant" in name:
+            quant += us
+        else:
+            other += us
+    del cache
+    return {"step_wall_ms_profiled": 1000 * wall, "attention_kernels_ms": attn / n / 1000,
+            "quantize_kernels_ms": quant / n / 1000, "other_gpu_ms": other / n / 1000,
+            "gpu_busy_ms": (attn + quant + other) / n / 1000}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama3-8b-shape")
+    ap.add_argument("--prefill", type=int, default=32768)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--recipes", default="fp16-static,fp16-dynamic,nsep-int4,mixed-nsep,mixed-nsep-2bit,kivi-int4")
+    ap.add_argument("--mem-cap-gb", type=float, default=60.0)
+    ap.add_argument("--calib-windows", type=int, default=4)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--profile-step", action="store_true", help="split one mixed-nsep step with torch.profiler")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/generate.py needs a CUDA GPU")
+    import transformers
+    import triton
+
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.model, dtype)
+    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    calib = torch.randint(0, model.config.vocab_size, (args.calib_windows, args.calib_len), device="cuda",
+                          generator=torch.Generator(device="cuda").manual_seed(1))
+    results = []
+    for kind in args.recipes.split(","):
+        plan = params = None
+        if not kind.startswith("fp16"):
+            plan, params = make_plan(model, kind, calib)
+        try:
+            r = run_one(model, kind, plan, params, args)
+        except torch.OutOfMemoryError as e:
+            r = {"kind": kind, "error": f"OOM: {str(e).splitlines()[0]}"}
+            torch.cuda.empty_cache()
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    # largest batch whose KV cache at this context fits the cap next to the weights and transient memory
+    fp16_static = next((r for r in results if r.get("kind") == "fp16-static" and "error" not in r), None)
+    for r in results:
+        if "error" in r:
+            continue
+        transient = max(0.0, r["peak_gb"] - weights_gb - r["kv_bytes"] / 1e9)
+        per_seq = r["kv_bytes_per_token_per_seq"] * args.prefill / 1e9
+        r["max_batch_at_cap"] = int((args.mem_cap_gb - weights_gb - transient / max(1, args.batch)) // per_seq)
+        if fp16_static:
+            r["speedup_vs_fp16_static"] = r["tokens_per_s"] / fp16_static["tokens_per_s"]
+            r["max_batch_ratio_vs_fp16"] = r["max_batch_at_cap"] / max(1, fp16_static["max_batch_at_cap"])
+    step = None
+    if args.profile_step:
+        plan, params = make_plan(model, "mixed-nsep", calib)
+        step = profile_step(model, plan, params, args)
+    header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "transformers": transformers.__version__, "python": platform.python_version(), "model": args.model,
+              "dtype": args.dtype, "prefill": args.prefill, "decode": args.decode, "batch": args.batch,
+              "weights_gb": weights_gb, "mem_cap_gb": args.mem_cap_gb, "command": " ".join(sys.argv)}
+    print("\n" + " | ".join(f"{k}={v}" for k, v in header.items()))
+    cols = ["kind", "avg_bits", "tokens_per_s", "median_step_ms", "speedup_vs_fp16_static", "peak_gb", "kv_bytes",
+            "max_batch_at_cap", "max_batch_ratio_vs_fp16"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in results:
+        cells = []
+        for c in cols:
+            v = r.get(c, r.get("error", "") if c == "tokens_per_s" else "")
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(cells) + " |")
+    if step:
+        print("step split (mixed-nsep):", json.dumps(step))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "results": results, "step_split": step}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
