@@ -56,6 +56,17 @@ def model() -> torch.nn.Module:
     return tiny_model(CFG)
 
 
+@pytest.fixture(autouse=True)
+def torch_kernels(request: pytest.FixtureRequest):  # noqa: ANN201
+    """Whole-model runs use the kernels' PyTorch path on the CPU (tests/kernels checks the Triton kernels against it;
+    ``test_interpreted_kernels_in_the_runtime`` runs the interpreted Triton kernels through the runtime once)."""
+    from kvcompile.kernels._backend import force_cpu_backend
+
+    backend = "interpret" if "interpreted" in request.node.name else "torch"
+    with force_cpu_backend(backend):
+        yield
+
+
 def _run_chunks(model: torch.nn.Module, ids: torch.Tensor, cache: object, chunks: list[int],
                 mask: torch.Tensor | None = None) -> torch.Tensor:
     out, pos = [], 0
@@ -84,6 +95,18 @@ def test_fused_equals_reference_logits(model: torch.nn.Module, k: str, v: str) -
         outs[mode] = _run_chunks(model, ids, cache, chunks)
         layer = cache.layers[0]
         assert isinstance(layer, QuantizedLayer) and layer.n_quant > 0  # quantized tokens were really read
+    torch.testing.assert_close(outs["fused"], outs["reference"], rtol=1e-4, atol=1e-4)
+
+
+def test_interpreted_kernels_in_the_runtime(model: torch.nn.Module) -> None:
+    """The real Triton kernels (interpreted on the CPU) inside the runtime: quantize-on-write + fused decode."""
+    plan, params = _plan("nsep-4", "nsep-2", window=4, sinks=1, block=8)
+    lower(model, plan, params)
+    ids = torch.randint(4, 160, (2, 30), generator=torch.Generator().manual_seed(9))
+    outs = {}
+    for mode in ("fused", "reference"):
+        model.kvcompile.mode = mode
+        outs[mode] = _run_chunks(model, ids, model.kvcompile.new_cache(), [26] + [1] * 4)
     torch.testing.assert_close(outs["fused"], outs["reference"], rtol=1e-4, atol=1e-4)
 
 
