@@ -162,13 +162,16 @@ def profile_step(model: torch.nn.Module, plan: Any, params: Any, args: argparse.
         torch.cuda.synchronize()
         n = 8
         t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(n):
                 model(nxt, past_key_values=cache, use_cache=True)
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / n
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     attn = quant = other = 0.0
     for ev in prof.key_averages():
+        if ev.device_type is not None and "cuda" not in str(ev.device_type).lower():
+            continue
         us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
         name = ev.key.lower()
         if "decode" in name or "merge" in name:
@@ -195,7 +198,8 @@ def main() -> None:
     ap.add_argument("--mem-cap-gb", type=float, default=60.0)
     ap.add_argument("--calib-windows", type=int, default=4)
     ap.add_argument("--calib-len", type=int, default=512)
-    ap.add_argument("--profile-step", action="store_true", help="split one mixed-nsep step with torch.profiler")
+    ap.add_argument("--profile-step", action="store_true", help="split one decode step with torch.profiler")
+    ap.add_argument("--profile-recipe", default="mixed-nsep", help="recipe whose step --profile-step splits")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -233,7 +237,7 @@ def main() -> None:
             r["max_batch_ratio_vs_fp16"] = r["max_batch_at_cap"] / max(1, fp16_static["max_batch_at_cap"])
     step = None
     if args.profile_step:
-        plan, params = make_plan(model, "mixed-nsep", calib)
+        plan, params = make_plan(model, args.profile_recipe, calib)
         step = profile_step(model, plan, params, args)
     header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(), "model": args.model,
@@ -251,7 +255,7 @@ def main() -> None:
             cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
         print("| " + " | ".join(cells) + " |")
     if step:
-        print("step split (mixed-nsep):", json.dumps(step))
+        print(f"step split ({args.profile_recipe}):", json.dumps(step))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "results": results, "step_split": step}, f, indent=1)

@@ -361,7 +361,7 @@ def fake_quantize(x: Tensor, fmt: KVFormat, role: Role, scale: Tensor | None = N
         if full:
             c, s, z = kivi_quantize(x[:, :, :full], fmt.bits, fmt.group, "k")
             parts.append(kivi_dequantize(c, s, z, fmt.group, "k"))
-        if T > full:
+        if full < T:
             rest = x[:, :, full:]
             c, s, z = kivi_quantize(rest, fmt.bits, T - full, "k")
             parts.append(kivi_dequantize(c, s, z, T - full, "k"))

@@ -104,7 +104,7 @@ def load_recipe(ref: str) -> Recipe:
 def parse_recipe(text: str, where: str = "recipe") -> Recipe:
     """Parse and validate recipe YAML text."""
     try:
-        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+        doc = yaml.load(text, Loader=_LineLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 0
@@ -238,7 +238,4 @@ def run_recipe(recipe: Recipe, ctx: CompileContext) -> CompileContext:
 # Importing the pass modules registers them (they import register_pass from here).
 from kvcompile.passes import stages as _stages  # noqa: E402,F401
 
-try:  # the optional smoothing/clipping passes (issue 6)
-    from kvcompile.passes import smooth as _smooth  # noqa: F401
-except ImportError:  # pragma: no cover - until smooth.py lands
-    pass
+from kvcompile.passes import smooth as _smooth  # noqa: E402,F401  (the optional smoothing/clipping passes)

@@ -168,7 +168,8 @@ class Plan:
                     if not f.packable:
                         raise PlanError(f"layer {i} {role} format {f.name} cannot be stored packed")
                     if f.kind == "kivi" and self.block % f.group:
-                        raise PlanError(f"layer {i}: flush block {self.block} is not a multiple of kivi group {f.group}")
+                        raise PlanError(f"layer {i}: flush block {self.block} is not a multiple of "
+                                        f"kivi group {f.group}")
                     if f.kind != "fp16" and s.head_dim % (8 // f.bits):
                         raise PlanError(f"head_dim {s.head_dim} cannot hold packed {f.bits}-bit codes")
         if self.window < 0 or self.sinks < 0 or self.block <= 0:
@@ -208,9 +209,9 @@ class Plan:
                 raise PlanError(
                     f"plan format version {version} is newer than this kvcompile understands ({PLAN_VERSION}): "
                     "upgrade kvcompile")
-            layers = [LayerPlan([HeadPlan(KVFormat.parse(k), KVFormat.parse(v)) for k, v in zip(l["k"], l["v"],
-                                                                                              strict=True)])
-                      for l in d["layers"]]
+            layers = [LayerPlan([HeadPlan(KVFormat.parse(k), KVFormat.parse(v))
+                                 for k, v in zip(lay["k"], lay["v"], strict=True)])
+                      for lay in d["layers"]]
             plan = cls(ModelShape.from_dict(d["shape"]), layers, int(d["window"]), int(d["sinks"]),
                        int(d.get("block", 32)), bool(d.get("k_center", False)), bool(d.get("v_center", False)),
                        dict(d.get("meta", {})), version)

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ANN201 - pytest hook
+def pytest_collection_modifyitems(config, items):
     """Skip tests marked ``gpu`` on machines without CUDA."""
     import pytest
 

@@ -72,7 +72,7 @@ def test_loaded_model_generates_on_quantized_cache(built: tuple[Path, Path, Path
 def test_wrong_model_is_rejected(built: tuple[Path, Path, Path]) -> None:
     root, _, out = built
     other = save_tiny(root / "other", tiny_llama_config(num_hidden_layers=3))
-    with pytest.raises(KVCompileError, match="different model|num_layers"):
+    with pytest.raises(KVCompileError, match=r"different model|num_layers"):
         kvcompile.load(out, model=str(other))
 
 

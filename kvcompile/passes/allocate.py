@@ -44,7 +44,6 @@ def allocate(shape: ModelShape, errors: dict[tuple[str, str], Tensor], budget_bi
     if not layers:
         raise KVCompileError("the model has no full-attention layers to quantize")
     roles = ("k", "v")
-    n_opt = len(candidates)
     # cost[role] [n_opt]; err[role] [L, H, n_opt]
     cost = {r: torch.tensor([f.bytes_per_token(d, r) for f in candidates], dtype=torch.float64) for r in roles}
     err: dict[str, Tensor] = {}

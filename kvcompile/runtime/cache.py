@@ -120,7 +120,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """Append new (centred) tokens to the fp tail; returns them tagged with this layer for the attention function."""
+        """Append new (centred) tokens to the fp tail; return them tagged with this layer for the attention fn."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.flush()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -35,7 +37,7 @@ def test_budget_respected(budget: float) -> None:
 
 def test_error_decreases_with_budget_and_outlier_protected() -> None:
     errs = [allocate(SHAPE, _errors(), b, CANDS).predicted_error for b in (2.5, 3.0, 4.0, 6.0)]
-    assert all(x >= y - 1e-12 for x, y in zip(errs, errs[1:], strict=False))
+    assert all(x >= y - 1e-12 for x, y in itertools.pairwise(errs))
     a = allocate(SHAPE, _errors(), 3.0, CANDS)
     # the outlier K head gets at least as many bits as any other K head
     bits = [[f.bits for f in row] for row in a.k]
@@ -56,8 +58,6 @@ def test_budget_too_small_is_an_error() -> None:
 
 def test_exhaustive_optimum_on_small_instance() -> None:
     """On 2 layers x 1 head (4 items, 4 options each) the result matches brute force."""
-    import itertools
-
     shape = ModelShape(num_layers=2, num_q_heads=1, num_kv_heads=1, head_dim=64)
     g = torch.Generator().manual_seed(3)
     errors = {(r, n): torch.rand(2, 1, generator=g) * s for r in "kv" for n, s in

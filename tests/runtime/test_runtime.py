@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvcompile.formats import KVFormat, nsep_scale
+from kvcompile.formats import KVFormat
 from kvcompile.kvparams import KVParams
 from kvcompile.passes.lower import lower
 from kvcompile.plan import HeadPlan, LayerPlan, ModelShape, Plan
@@ -28,7 +28,8 @@ def _params(seed: int = 0, center: bool = True) -> KVParams:
     return p
 
 
-def _plan(k: str, v: str, window: int = 8, sinks: int = 2, block: int = 16, center: bool = True) -> tuple[Plan, KVParams]:
+def _plan(k: str, v: str, window: int = 8, sinks: int = 2, block: int = 16,
+          center: bool = True) -> tuple[Plan, KVParams]:
     from kvcompile.passes.calibrate import finalize_scales
 
     plan = Plan.uniform(SHAPE, KVFormat.parse(k), KVFormat.parse(v), window=window, sinks=sinks, block=block,
@@ -57,7 +58,7 @@ def model() -> torch.nn.Module:
 
 
 @pytest.fixture(autouse=True)
-def torch_kernels(request: pytest.FixtureRequest):  # noqa: ANN201
+def torch_kernels(request: pytest.FixtureRequest):
     """Whole-model runs use the kernels' PyTorch path on the CPU (tests/kernels checks the Triton kernels against it;
     ``test_interpreted_kernels_in_the_runtime`` runs the interpreted Triton kernels through the runtime once)."""
     from kvcompile.kernels._backend import force_cpu_backend
@@ -234,8 +235,18 @@ def test_quantized_cache_constructor_rejects_mode() -> None:
                                  ("kivi-4g16", "kivi-4g16")])
 def test_gpu_fused_runtime_matches_reference(k: str, v: str) -> None:
     """On CUDA (compiled Triton kernels, bf16 model): fused decode == dequantize-then-attend within bf16 noise."""
-    gpu_model = tiny_model(CFG).to("cuda", torch.bfloat16)
-    plan, params = _plan(k, v, window=8, sinks=2, block=16)
+    cfg = tiny_llama_config(hidden_size=384, num_attention_heads=6, num_key_value_heads=2, head_dim=64)
+    gpu_model = tiny_model(cfg).to("cuda", torch.bfloat16)
+    shape = ModelShape.from_config(cfg)
+    from kvcompile.passes.calibrate import finalize_scales
+
+    plan = Plan.uniform(shape, KVFormat.parse(k), KVFormat.parse(v), window=8, sinks=2, block=16, k_center=True)
+    params = KVParams()
+    for i in range(shape.num_layers):
+        for role in ("k", "v"):
+            params.set(i, role, "p", torch.full((shape.num_kv_heads, shape.head_dim), 0.4))
+            params.set(i, role, "mean", 0.1 * torch.randn(shape.num_kv_heads, shape.head_dim))
+    finalize_scales(plan, params)
     lower(gpu_model, plan, params.to("cuda"))
     ids = torch.randint(4, 160, (4, 200), generator=torch.Generator().manual_seed(10)).cuda()
     outs = {}
