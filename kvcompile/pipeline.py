@@ -236,6 +236,5 @@ def run_recipe(recipe: Recipe, ctx: CompileContext) -> CompileContext:
 
 
 # Importing the pass modules registers them (they import register_pass from here).
-from kvcompile.passes import stages as _stages  # noqa: E402,F401
-
 from kvcompile.passes import smooth as _smooth  # noqa: E402,F401  (the optional smoothing/clipping passes)
+from kvcompile.passes import stages as _stages  # noqa: E402,F401
