@@ -103,12 +103,13 @@ def run_one(model: torch.nn.Module, kind: str, plan: Any, params: Any, args: arg
         cache = model.kvcompile.new_cache()
     with torch.no_grad():
         t0 = time.perf_counter()
-        if kind == "fp16-static":
-            # a static cache is sized for the batch up front: prefill the whole batch
-            cache = StaticCache(config=model.config, max_cache_len=args.prefill + args.decode + 8)
-            out = model(prompt.expand(args.batch, -1), past_key_values=cache, use_cache=True)
-        else:
-            out = model(prompt, past_key_values=cache, use_cache=True)
+        # a static cache is sized for the batch up front: prefill the whole batch; the others prefill one
+        # sequence and repeat it. Chunked, keeping only the last logits, so a 32k prefill fits in memory.
+        ids = prompt.expand(args.batch, -1) if kind == "fp16-static" else prompt
+        for lo in range(0, args.prefill, args.prefill_chunk):
+            out = model(ids[:, lo:lo + args.prefill_chunk], past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+        if kind != "fp16-static":
             cache.batch_repeat_interleave(args.batch)
         torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t0
@@ -154,7 +155,8 @@ def profile_step(model: torch.nn.Module, plan: Any, params: Any, args: argparse.
     cache = model.kvcompile.new_cache()
     ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), device="cuda")
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        for lo in range(0, args.prefill, args.prefill_chunk):
+            model(ids[:, lo:lo + args.prefill_chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(args.batch)
         nxt = torch.zeros(args.batch, 1, dtype=torch.long, device="cuda")
         for _ in range(3):
@@ -191,6 +193,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama3-8b-shape")
     ap.add_argument("--prefill", type=int, default=32768)
     ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")

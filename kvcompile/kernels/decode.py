@@ -1,0 +1,717 @@
+"""Fused decode attention over a packed quantized KV cache plus its fp16 sinks and tail.
+
+One query token per sequence attends to ``n_quant`` quantized tokens (read packed, never dequantized to memory) and to
+``n_fp`` full-precision slots. Two Triton kernels:
+
+1. ``_decode_split_kernel``, grid ``(B * Hkv, num_splits [+ 1])``. Program ``(b*h, s)`` with ``s < num_splits`` takes
+   one contiguous chunk of the quantized tokens of KV head ``h``; the extra last program (when ``n_fp > 0``) takes
+   the fp16 slots. Each program serves all ``G = Hq / Hkv`` query heads of its KV head, so every packed byte is read
+   from HBM once. Per block of ``BLOCK_N`` tokens it
+
+   * loads the packed key rows as 32-bit words ``[BLOCK_N, m/4]`` (m = d*b/8 bytes) and unpacks them one bit-slice
+     at a time (P = 8/b slices): in the planar layout slice ``i`` of every byte is the contiguous channel range
+     ``[i*m, (i+1)*m)``, so a slice is one mask per pair of codes, with no shuffles between channels. The masked
+     16-bit lanes are read directly as fp16 (subnormal) numbers ``code * 2^(i*b - 24)``: no int-to-float
+     conversion, whose quarter-rate throughput would otherwise bound the kernel (see :func:`_unpack`);
+   * scores the block with one tensor-core dot per slice against the query, which was pre-scaled once per program by
+     the static nsep scale, the softmax scale and log2(e): ``score_t = r_t * sum_c (q_c s_c) code_tc`` (int-token:
+     s = 1; kivi: the block is dequantized with its group scale/zero; fp16: plain);
+   * updates an online softmax (base 2) and accumulates ``sum_t (p_t r_t) code_t`` with one dot per value slice;
+     the static value scale ``s`` is applied once at the end.
+
+   Tokens are the MMA M dimension (``[BLOCK_N, d] @ [d, G]``): the unpacked codes are the dot's A operand and the
+   query the small loop-invariant B operand, with ``G`` padded to a power of two (>= 8). Each program writes its
+   partial (max, sum, unnormalized output) in fp32.
+2. ``_merge_kernel``, grid ``(B * Hq,)``: combines the partials of each query head by log-sum-exp and writes the
+   output in the query's dtype. With a single program per KV head the split kernel writes the output itself.
+
+Masks: only left padding (``seq_start``); the decode token sees every cached key. ``softcap`` applies Gemma-2's
+``softcap * tanh(score / softcap)``. Everything is checked against :func:`decode_attention_reference`, which
+dequantizes through :mod:`kvcompile.formats` and runs :func:`kvcompile.formats.reference_attention`.
+"""
+
+import os
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Self
+
+import torch
+from torch import Tensor
+
+from kvcompile import formats
+from kvcompile.formats import KVFormat
+from kvcompile.kernels._backend import backend_for, jit, next_pow2, num_sms, tl
+from kvcompile.kernels.quantize import check_store, token_rows
+
+__all__ = ["DecodeConfig", "decode_attention", "decode_attention_reference", "pick_num_splits"]
+
+_LOG2E = 1.4426950408889634
+# kinds of a K or V source, as the kernel sees them
+_FP, _SYM, _KIVI = 0, 1, 2
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked block then gives exp2(0) * 0, never NaN
+_TWO24 = tl.constexpr(16777216.0)  # 2^24: unpacked codes are fp16 subnormals code * 2^-24, see _unpack
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+@jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    # fp32 models get exact fp32 products (slow, never a hot path); fp16/bf16 run on tensor cores
+    if IEEE:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@jit
+def _slot_chan(KIND: tl.constexpr, SL: tl.constexpr, M: tl.constexpr, MP: tl.constexpr):
+    """Channel held by each slot of slice SL of an unpacked tile, and whether the slot is a real channel.
+
+    fp16 data: slot = channel. Packed codes: :func:`_unpack` emits the 4 bytes of a word in the order 0, 2, 1, 3
+    (so that the halves of one 32-bit register are adjacent slots), i.e. the two low bits of the slot are swapped.
+    The dot is indifferent to the order of its reduction axis as long as both operands agree, so the query (and the
+    output) are simply gathered in the same order.
+    """
+    s = tl.arange(0, MP)
+    if KIND == 0:
+        j = s
+    else:
+        j = (s & ~3) | ((s & 1) << 1) | ((s >> 1) & 1)
+    return SL * M + j, j < M
+
+
+@jit
+def _unpack(x, SL: tl.constexpr, BITS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, MP: tl.constexpr):
+    """Bit-slice SL of packed words x [BLOCK_N, MP/4] (uint32) -> fp16 ``(code - SUB) * 2^(SL*BITS - 24)``, exactly.
+
+    In the planar layout bit-slice SL of every byte holds one contiguous channel range. Masking a word in place leaves
+    in each 16-bit lane the integer ``code << (SL * BITS)``, and those bits read as fp16 *are* the number
+    ``code * 2^(SL*BITS - 24)`` (a subnormal): codes become fp16 two at a time with one logic op and no conversion
+    instruction (integer-to-float conversions run at a quarter of the ALU rate and would bound the kernel). The two
+    halves of one register are adjacent slots of the join below, so the compiler leaves them in place. Products with
+    fp16 operands are exact in the fp32 accumulators; callers fold the power of two into the query or the output.
+    """
+    MASK: tl.constexpr = (((1 << BITS) - 1) << (SL * BITS)) * 0x10001
+    y0 = x & MASK  # bytes 0 and 2 of each word
+    y1 = (x >> 8) & MASK  # bytes 1 and 3
+    lo0 = y0.to(tl.uint16).to(tl.float16, bitcast=True)
+    hi0 = (y0 >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    lo1 = y1.to(tl.uint16).to(tl.float16, bitcast=True)
+    hi1 = (y1 >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    v = tl.reshape(tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1)), (BLOCK_N, MP))
+    if SUB != 0:
+        v = v - (SUB << (SL * BITS)) * 5.9604644775390625e-08  # exact: subnormal arithmetic, one packed op per pair
+    return v
+
+
+@jit
+def _load_tile(ptr, st, t, tmask, KIND: tl.constexpr, M: tl.constexpr, MP: tl.constexpr):
+    """Rows of tokens t: fp16 data [BLOCK_N, MP] or packed codes as 32-bit words [BLOCK_N, MP/4]."""
+    if KIND == 0:
+        c = tl.arange(0, MP)
+        tile = tl.load(ptr + t[:, None] * st + c[None, :], mask=tmask[:, None] & (c < M)[None, :], other=0.0)
+    else:
+        w = tl.arange(0, MP // 4)
+        tile = tl.load(ptr + t[:, None] * st + w[None, :], mask=tmask[:, None] & (w < M // 4)[None, :], other=0)
+        tile = tile.to(tl.uint32, bitcast=True)
+    return tile
+
+
+@jit
+def _slice(tile, SL: tl.constexpr, a_ptr, b_ptr, smt, t, tmask, IS_K: tl.constexpr,
+           KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+           DT: tl.constexpr):
+    """Slice SL of a loaded K or V tile as DT values [BLOCK_N, MP] in slot order.
+
+    int-token / nsep: keys give ``code * 2^(SL*BITS - 24)`` (the caller removes the offset through the query's sum),
+    values ``(code - offset) * 2^(SL*BITS - 24)``; callers apply the powers of two and the multipliers. kivi: the
+    dequantized values. fp16: the data.
+    """
+    if KIND == 0:
+        out = tile.to(DT)
+    elif KIND == 1:
+        out = _unpack(tile, SL, BITS, 0 if IS_K else 1 << (BITS - 1), t.shape[0], MP).to(DT)
+    else:
+        # kivi: keys have a scale/zero row per channel and group of GROUP tokens, values one per token and group of
+        # GROUP channels
+        chan, real = _slot_chan(KIND, SL, M, MP)
+        msk = tmask[:, None] & real[None, :]
+        if IS_K:
+            off = (t // GROUP)[:, None] * smt + chan[None, :]
+        else:
+            off = t[:, None] * smt + (chan // GROUP)[None, :]
+        sc = tl.load(a_ptr + off, mask=msk, other=0.0).to(tl.float32) * (_TWO24 / (1 << (SL * BITS)))
+        ze = tl.load(b_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        out = (_unpack(tile, SL, BITS, 0, t.shape[0], MP).to(tl.float32) * sc + ze).to(DT)
+    return out
+
+
+@jit
+def _q_slice(q_ptr, sqh, ks_ptr, qscale, gmask, SL: tl.constexpr, KIND: tl.constexpr, M: tl.constexpr,
+             MP: tl.constexpr, G_PAD: tl.constexpr, NSEP: tl.constexpr):
+    """Slice SL of the G query heads in slot order [MP, G_PAD], fp32, times the softmax scale (and nsep key scale)."""
+    chan, real = _slot_chan(KIND, SL, M, MP)
+    g = tl.arange(0, G_PAD)
+    qt = tl.load(q_ptr + g[None, :] * sqh + chan[:, None], mask=real[:, None] & gmask[None, :], other=0.0)
+    qt = qt.to(tl.float32) * qscale
+    if NSEP:
+        qt = qt * tl.load(ks_ptr + chan, mask=real, other=0.0)[:, None]
+    return qt
+
+
+@jit
+def _store_slice(acc, l_i, SL: tl.constexpr, vs_ptr, pacc_ptr, out_ptr, soh, gmask, KIND: tl.constexpr,
+                 BITS: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 NSEP: tl.constexpr, DIRECT: tl.constexpr):
+    """Write slice SL of the accumulated output [MP, G_PAD] (slot order) to its channels, final or partial."""
+    chan, real = _slot_chan(KIND, SL, M, MP)
+    g = tl.arange(0, G_PAD)
+    if KIND == 1:
+        acc = acc * (_TWO24 / (1 << (SL * BITS)))  # slice SL was read as code * 2^(SL*BITS - 24)
+    if NSEP:
+        acc = acc * tl.load(vs_ptr + chan, mask=real, other=0.0)[:, None]  # the static value scale, once
+    omask = real[:, None] & gmask[None, :]
+    if DIRECT:
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[None, :]
+        tl.store(out_ptr + g[None, :] * soh + chan[:, None], o.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(pacc_ptr + g[None, :] * HEAD_DIM + chan[:, None], acc, mask=omask)
+
+
+@jit
+def _attend(
+    q_ptr, sqh, G, qscale, capscale,
+    k_ptr, skt, ka_ptr, kb_ptr, skmt, ks_ptr,
+    v_ptr, svt, va_ptr, vb_ptr, svmt, vs_ptr,
+    lo, hi, pos_split, pos_lo, pos_hi, start,
+    pm_ptr, pl_ptr, pacc_ptr, out_ptr, soh,
+    HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_P: tl.constexpr, K_MP: tl.constexpr,
+    K_NSEP: tl.constexpr, K_DT: tl.constexpr,
+    V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_P: tl.constexpr, V_MP: tl.constexpr,
+    V_NSEP: tl.constexpr, V_DT: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
+):
+    """Attention of the G query heads of one KV head over tokens [lo, hi) of one K/V source; writes the result.
+
+    K and V are handled per bit-slice (P = 8 / bits of them; 1 for fp16 data): each slice is one 2D dot.
+    """
+    K_M: tl.constexpr = HEAD_DIM // K_P
+    V_M: tl.constexpr = HEAD_DIM // V_P
+    K_IEEE: tl.constexpr = K_DT == tl.float32  # noqa: SIM300 (a constexpr must be on the left)
+    V_IEEE: tl.constexpr = V_DT == tl.float32  # noqa: SIM300
+    gmask = tl.arange(0, G_PAD) < G
+
+    # the query, pre-scaled once per program (softmax scale and log2(e), or 1/softcap; nsep key scale)
+    qk0 = _q_slice(q_ptr, sqh, ks_ptr, qscale, gmask, 0, K_KIND, K_M, K_MP, G_PAD, K_NSEP)
+    if K_P > 1:
+        qk1 = _q_slice(q_ptr, sqh, ks_ptr, qscale, gmask, 1, K_KIND, K_M, K_MP, G_PAD, K_NSEP)
+    if K_P > 2:
+        qk2 = _q_slice(q_ptr, sqh, ks_ptr, qscale, gmask, 2, K_KIND, K_M, K_MP, G_PAD, K_NSEP)
+        qk3 = _q_slice(q_ptr, sqh, ks_ptr, qscale, gmask, 3, K_KIND, K_M, K_MP, G_PAD, K_NSEP)
+    if K_KIND == 1:
+        # Packed keys: the dot reads slice SL as code * 2^(SL*BITS - 24), so slice SL of the query is scaled by
+        # 2^-(I*BITS); the whole query is first normalised to a max of 2^14 so that no slice falls into fp16's
+        # subnormal range (and none overflows). The stored codes are unsigned: q . (code - offset) is
+        # q . code - offset * sum(q), the sum taken over the very rounded values the dot uses.
+        amax = tl.max(tl.abs(qk0), axis=0)
+        if K_P > 1:
+            amax = tl.maximum(amax, tl.max(tl.abs(qk1), axis=0))
+        if K_P > 2:
+            amax = tl.maximum(amax, tl.maximum(tl.max(tl.abs(qk2), axis=0), tl.max(tl.abs(qk3), axis=0)))
+        qnorm = 16384.0 / tl.maximum(tl.max(amax, axis=0), 1e-30)
+        qk0 = (qk0 * qnorm).to(K_DT)
+        qoff = tl.sum(qk0.to(tl.float32), axis=0)
+        if K_P > 1:
+            qk1 = (qk1 * (qnorm / (1 << K_BITS))).to(K_DT)
+            qoff += tl.sum(qk1.to(tl.float32), axis=0) * (1 << K_BITS)
+        if K_P > 2:
+            qk2 = (qk2 * (qnorm / (1 << (2 * K_BITS)))).to(K_DT)
+            qk3 = (qk3 * (qnorm / (1 << (3 * K_BITS)))).to(K_DT)
+            qoff += tl.sum(qk2.to(tl.float32), axis=0) * (1 << (2 * K_BITS))
+            qoff += tl.sum(qk3.to(tl.float32), axis=0) * (1 << (3 * K_BITS))
+        qoff = qoff * (1 << (K_BITS - 1))
+        rq = 1.0 / qnorm
+    else:  # fp16 data, or kivi keys (dequantized to their real values in the loop)
+        qk0 = qk0.to(K_DT)
+        if K_P > 1:
+            qk1 = qk1.to(K_DT)
+        if K_P > 2:
+            qk2 = qk2.to(K_DT)
+            qk3 = qk3.to(K_DT)
+
+    m_i = tl.full([G_PAD], _NEG, tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc0 = tl.zeros([V_MP, G_PAD], tl.float32)
+    if V_P > 1:
+        acc1 = tl.zeros([V_MP, G_PAD], tl.float32)
+    if V_P > 2:
+        acc2 = tl.zeros([V_MP, G_PAD], tl.float32)
+        acc3 = tl.zeros([V_MP, G_PAD], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        t = n0 + tl.arange(0, BLOCK_N)
+        tmask = t < hi
+        # keys: one load of the packed rows, then one dot per bit-slice
+        kt = _load_tile(k_ptr, skt, t, tmask, K_KIND, K_M, K_MP)
+        s = _mma(_slice(kt, 0, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
+                 qk0, tl.zeros([BLOCK_N, G_PAD], tl.float32), K_IEEE)
+        if K_P > 1:
+            s = _mma(_slice(kt, 1, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
+                     qk1, s, K_IEEE)
+        if K_P > 2:
+            s = _mma(_slice(kt, 2, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
+                     qk2, s, K_IEEE)
+            s = _mma(_slice(kt, 3, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
+                     qk3, s, K_IEEE)
+        if K_KIND == 1:
+            r = tl.load(ka_ptr + t * skmt, mask=tmask, other=0.0).to(tl.float32) * rq
+            s = (s * _TWO24 - qoff[None, :]) * r[:, None]
+        if HAS_SOFTCAP:
+            # softcap * tanh(x) in base 2; tanh(x) = 1 - 2 / (exp(2x) + 1) saturates cleanly at +-1
+            s = capscale * (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634)) + 1.0))
+        valid = tmask
+        if HAS_START:
+            pos = t + tl.where(t < pos_split, pos_lo, pos_hi)
+            valid = valid & (pos >= start)
+        s = tl.where(valid[:, None], s, float("-inf"))
+
+        # online softmax over the block (base 2), tokens along axis 0
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])  # [BLOCK_N, G_PAD]
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+        if V_KIND == 1:
+            p = p * tl.load(va_ptr + t * svmt, mask=tmask, other=0.0).to(tl.float32)[:, None]  # p_t r_t
+        pv = p.to(V_DT)
+
+        # values: acc_I[c, g] += sum_t code_I[t, c] (p r)[t, g], the slice transposed as the dot's A operand
+        vt = _load_tile(v_ptr, svt, t, tmask, V_KIND, V_M, V_MP)
+        acc0 = _mma(tl.trans(_slice(vt, 0, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M, V_MP,
+                                    V_DT)), pv, acc0 * alpha[None, :], V_IEEE)
+        if V_P > 1:
+            acc1 = _mma(tl.trans(_slice(vt, 1, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
+                                        V_MP, V_DT)), pv, acc1 * alpha[None, :], V_IEEE)
+        if V_P > 2:
+            acc2 = _mma(tl.trans(_slice(vt, 2, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
+                                        V_MP, V_DT)), pv, acc2 * alpha[None, :], V_IEEE)
+            acc3 = _mma(tl.trans(_slice(vt, 3, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
+                                        V_MP, V_DT)), pv, acc3 * alpha[None, :], V_IEEE)
+
+    _store_slice(acc0, l_i, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                 HEAD_DIM, V_NSEP, DIRECT)
+    if V_P > 1:
+        _store_slice(acc1, l_i, 1, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                     HEAD_DIM, V_NSEP, DIRECT)
+    if V_P > 2:
+        _store_slice(acc2, l_i, 2, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                     HEAD_DIM, V_NSEP, DIRECT)
+        _store_slice(acc3, l_i, 3, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                     HEAD_DIM, V_NSEP, DIRECT)
+    if not DIRECT:
+        g = tl.arange(0, G_PAD)
+        tl.store(pm_ptr + g, m_i, mask=gmask)
+        tl.store(pl_ptr + g, l_i, mask=gmask)
+
+
+@jit
+def _decode_split_kernel(
+    q_ptr, sqb, sqh, out_ptr, sob, soh,
+    k_ptr, skb, skh, skt, ka_ptr, kb_ptr, skmb, skmh, skmt, ks_ptr,
+    v_ptr, svb, svh, svt, va_ptr, vb_ptr, svmb, svmh, svmt, vs_ptr,
+    fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt,
+    pm_ptr, pl_ptr, pacc_ptr, start_ptr,
+    Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, qscale, capscale,
+    HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+    K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_P: tl.constexpr, K_MP: tl.constexpr,
+    K_NSEP: tl.constexpr, K_DT: tl.constexpr,
+    V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_P: tl.constexpr, V_MP: tl.constexpr,
+    V_NSEP: tl.constexpr, V_DT: tl.constexpr,
+    F_MP: tl.constexpr, FK_DT: tl.constexpr, FV_DT: tl.constexpr,
+    HAS_QUANT: tl.constexpr, HAS_FP: tl.constexpr, HAS_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DIRECT: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    sid = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    h = pid_bh % Hkv
+    q = q_ptr + b * sqb + (h * G) * sqh
+    out = out_ptr + b * sob + (h * G) * soh
+    n_slots = num_splits + HAS_FP
+    part = pid_bh * n_slots + sid
+    pm = pm_ptr + part * G
+    pl = pl_ptr + part * G
+    pacc = pacc_ptr + part * (G * HEAD_DIM)
+    start = 0
+    if HAS_START:
+        start = tl.load(start_ptr + b)
+    if HAS_QUANT:  # noqa: SIM102 (a compile-time flag, then a runtime test: kept apart for Triton)
+        if sid < num_splits:
+            lo = sid * chunk
+            hi = tl.minimum(lo + chunk, n_quant)
+            _attend(q, sqh, G, qscale, capscale,
+                    k_ptr + b * skb + h * skh, skt, ka_ptr + b * skmb + h * skmh, kb_ptr + b * skmb + h * skmh, skmt,
+                    ks_ptr + h * HEAD_DIM,
+                    v_ptr + b * svb + h * svh, svt, va_ptr + b * svmb + h * svmh, vb_ptr + b * svmb + h * svmh, svmt,
+                    vs_ptr + h * HEAD_DIM,
+                    lo, hi, 0, n_sinks, n_sinks, start, pm, pl, pacc, out, soh,
+                    HEAD_DIM, G_PAD, BLOCK_N,
+                    K_KIND, K_BITS, K_GROUP, K_P, K_MP, K_NSEP, K_DT,
+                    V_KIND, V_BITS, V_GROUP, V_P, V_MP, V_NSEP, V_DT,
+                    HAS_START, HAS_SOFTCAP, DIRECT)
+    if HAS_FP:  # noqa: SIM102
+        if sid == num_splits:
+            # fp16 slots: slot j holds absolute position j (a sink) or n_quant + j (the recent tail)
+            _attend(q, sqh, G, qscale, capscale,
+                    fk_ptr + b * sfkb + h * sfkh, sfkt, fk_ptr, fk_ptr, 0, ks_ptr,
+                    fv_ptr + b * sfvb + h * sfvh, sfvt, fv_ptr, fv_ptr, 0, vs_ptr,
+                    0, n_fp, n_sinks, 0, n_quant, start, pm, pl, pacc, out, soh,
+                    HEAD_DIM, G_PAD, BLOCK_F,
+                    0, 16, 1, 1, F_MP, False, FK_DT,
+                    0, 16, 1, 1, F_MP, False, FV_DT,
+                    HAS_START, HAS_SOFTCAP, DIRECT)
+
+
+@jit
+def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, sob, soh, Hq, G, n_slots,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, S_BLOCK: tl.constexpr):
+    """out[b, hq] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the partials of one query head."""
+    pid = tl.program_id(0)
+    b = pid // Hq
+    hq = pid % Hq
+    base = (b * (Hq // G) + hq // G) * n_slots  # first partial slot of this (batch, KV head)
+    g = hq % G
+    s_all = tl.arange(0, S_PAD)
+    m_max = tl.max(tl.load(pm_ptr + (base + s_all) * G + g, mask=s_all < n_slots, other=_NEG), axis=0)
+    d = tl.arange(0, D_PAD)
+    acc = tl.zeros([D_PAD], tl.float32)
+    den = tl.zeros([S_BLOCK], tl.float32)
+    for s0 in range(0, n_slots, S_BLOCK):  # in chunks: a long context can have hundreds of splits
+        s = s0 + tl.arange(0, S_BLOCK)
+        smask = s < n_slots
+        idx = (base + s) * G + g
+        w = tl.exp2(tl.load(pm_ptr + idx, mask=smask, other=_NEG) - m_max)
+        w = tl.where(smask, w, 0.0)
+        den += w * tl.load(pl_ptr + idx, mask=smask, other=0.0)
+        part = tl.load(pacc_ptr + idx[:, None] * HEAD_DIM + d[None, :],
+                       mask=smask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * part, axis=0)
+    total = tl.sum(den, axis=0)
+    o = acc / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * sob + hq * soh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------------- host side
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the split kernel (the benchmark's ``--tune`` sweeps them).
+
+    ``block_n``: tokens per loop step of the quantized range (0 = by format, see :meth:`block_for`). ``block_f``: the
+    same for the fp16 slots (kept small: the shared-memory buffers of both loops are allocated together).
+    ``min_g_pad``: the query heads of a KV head are padded to a power of two at least this large (the dot's N
+    dimension). ``ctas_per_sm``: programs one SM runs at once, until the first launch of a kernel variant tells (it
+    sizes the split count).
+    """
+
+    block_n: int = 0
+    block_f: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+    min_g_pad: int = 8
+    ctas_per_sm: int = 3
+
+    @classmethod
+    def from_env(cls) -> Self:
+        """Defaults, overridden by e.g. ``KVCOMPILE_DECODE_CONFIG="block_n=64,num_warps=8,num_stages=2"``."""
+        return cls._parse(os.environ.get("KVCOMPILE_DECODE_CONFIG", ""))
+
+    @classmethod
+    @lru_cache(maxsize=8)
+    def _parse(cls, spec: str) -> Self:  # cached: the decode hot path asks once per layer and step
+        try:
+            kw = {k.strip(): int(v) for k, v in (p.split("=") for p in spec.split(",") if p.strip())}
+            return cls(**kw)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"bad KVCOMPILE_DECODE_CONFIG={spec!r} (expected e.g. 'block_n=64,num_warps=4'): {e}") \
+                from e
+
+    def block_for(self, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int) -> int:
+        """Tokens per loop step: 256 for 4-bit int-token/nsep codes at head_dim <= 128, 128 for narrower codes,
+        else 64 (wider tiles would exceed the register file). Measured with ``benchmarks/kernels.py --tune`` on an
+        H100 (Llama-3-8B shape, batch 8, 32k): nsep-4 134.7 us at 256 vs 156.1 us at 128; nsep-2 best at 128."""
+        if self.block_n:
+            return self.block_n
+        narrow = all(f.kind in ("int-token", "nsep") and f.bits <= 4 for f in (k_fmt, v_fmt))
+        if narrow and head_dim <= 128:
+            return 256 if all(f.bits == 4 for f in (k_fmt, v_fmt)) else 128
+        return 64
+
+
+_OCCUPANCY: dict[tuple, int] = {}  # programs per SM of each compiled split-kernel variant, read after its first launch
+
+
+def _ctas_per_sm(kernel: object, num_warps: int, device_index: int, default: int) -> int:
+    """Resident programs per SM of a compiled kernel, from its registers and shared memory (default if unknown)."""
+    try:
+        props = torch.cuda.get_device_properties(device_index)
+        regs = int(kernel.n_regs) * 32 * num_warps  # type: ignore[attr-defined]
+        smem = int(kernel.metadata.shared)  # type: ignore[attr-defined]
+        regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
+        smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+        by_regs = regs_sm // max(regs, 1)
+        by_smem = smem_sm // (smem + 1024) if smem else 32  # the driver reserves 1 KiB per block
+        return max(1, min(by_regs, by_smem, 64 // num_warps, 32))  # 64 warps and 32 blocks per SM at most
+    except Exception:  # attribute names differ across triton versions: the estimate is only a heuristic
+        return default
+
+
+@lru_cache(maxsize=4096)
+def pick_num_splits(n_quant: int, bh: int, block_n: int, slots: int) -> int:
+    """Split count for the quantized range of ``bh`` (batch, KV head) pairs on ``slots`` concurrent programs.
+
+    Programs run in waves of ``slots``; a wave lasts as long as its programs' chunks (plus about one block of fixed
+    work: query setup, partial write). The chunk length that minimises waves * (chunk + 1) wins, so the GPU is full
+    (every SM busy with several programs) and the last wave is not a sliver.
+    """
+    if n_quant <= 0:
+        return 0
+    blocks = -(-n_quant // block_n)
+    best, best_cost = 1, float("inf")
+    for chunk in range(1, blocks + 1):
+        splits = -(-blocks // chunk)
+        if chunk > 1 and -(-blocks // (chunk - 1)) == splits:
+            continue  # same split count as a shorter chunk
+        waves = -(-bh * splits // slots)
+        cost = waves * (chunk + 1)
+        if cost < best_cost:
+            best, best_cost = splits, cost
+    return best
+
+
+_TL_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def _tl_dtype(dt: torch.dtype):
+    if dt not in _TL_DTYPE:
+        raise ValueError(f"decode attention supports fp16, bf16 and fp32 tensors, got {dt}")
+    return getattr(tl, _TL_DTYPE[dt])
+
+
+def _words(codes: Tensor) -> Tensor:
+    """Packed codes ``[..., m]`` uint8 as 32-bit words ``[..., m / 4]``: a view, the kernels read whole words."""
+    return codes.view(torch.int32)
+
+
+def _word_readable(fmt: KVFormat, store: dict[str, Tensor]) -> bool:
+    """Whether a store's codes can be read as 32-bit words (m a multiple of 4 bytes, word-aligned rows)."""
+    if fmt.kind == "fp16":
+        return True
+    c = store["codes"]
+    return (c.shape[-1] % 4 == 0 and c.stride(-1) == 1 and all(st % 4 == 0 for st in c.stride()[:-1])
+            and c.data_ptr() % 4 == 0)
+
+
+def _data_dot_dtype(data: Tensor, q: Tensor, backend: str) -> torch.dtype:
+    """Operand dtype of the dots over full-precision K/V: their own, but fp32 for fp32 models (exact products) and
+    for bf16 under Triton's interpreter, which holds bf16 as raw 16-bit integers and multiplies those in tl.dot."""
+    if q.dtype == torch.float32 or (data.dtype == torch.bfloat16 and backend == "interpret"):
+        return torch.float32
+    return data.dtype
+
+
+def _source(fmt: KVFormat, store: dict[str, Tensor], q: Tensor, backend: str):
+    """Kernel view of one quantized store: (data, meta_a, meta_b, meta strides, constexprs)."""
+    # unpacked codes are exact in fp16; fp32 models get fp32 products throughout
+    code_dt = torch.float32 if q.dtype == torch.float32 else torch.float16
+    if fmt.kind == "fp16":
+        data = store["data"]
+        a = b = data
+        ms = (0, 0, 0)
+        kind, bits, per, dt = _FP, 16, 1, _data_dot_dtype(data, q, backend)
+    elif fmt.kind == "kivi":
+        data, a, b = _words(store["codes"]), store["scale"], store["zero"]
+        ms = a.stride()[:3]
+        kind, bits, per, dt = _KIVI, fmt.bits, 8 // fmt.bits, code_dt
+    else:
+        data, a = _words(store["codes"]), store["r"]
+        b = a
+        ms = a.stride()
+        kind, bits, per, dt = _SYM, fmt.bits, 8 // fmt.bits, code_dt
+    mp = next_pow2(data.shape[-1] * (1 if kind == _FP else 4))  # bytes of codes (or channels of data) per token
+    const = dict(KIND=kind, BITS=bits, GROUP=fmt.group, P=per, MP=mp, NSEP=fmt.kind == "nsep", DT=_tl_dtype(dt))
+    return data, a, b, ms, const
+
+
+def _check(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k_fmt: KVFormat, v_fmt: KVFormat,
+           n_quant: int, fp_k: Tensor, fp_v: Tensor, n_fp: int, k_scale: Tensor | None,
+           v_scale: Tensor | None) -> tuple[int, int, int, int]:
+    if q.dim() != 3:
+        raise ValueError(f"decode_attention expects q of shape [B, Hq, d], got {tuple(q.shape)}")
+    B, Hq, d = q.shape
+    if fp_k.dim() != 4 or fp_k.shape[0] != B or fp_k.shape[3] != d or fp_v.shape != fp_k.shape:
+        raise ValueError(f"fp_k/fp_v must be [B, Hkv, Fcap, d] = [{B}, Hkv, Fcap, {d}], "
+                         f"got {tuple(fp_k.shape)} and {tuple(fp_v.shape)}")
+    Hkv = fp_k.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if not 0 <= n_fp <= fp_k.shape[2]:
+        raise ValueError(f"n_fp={n_fp} outside the fp buffers' capacity {fp_k.shape[2]}")
+    for role, fmt, store, scale in (("k", k_fmt, k_store, k_scale), ("v", v_fmt, v_store, v_scale)):
+        cap = check_store(store, fmt, role, B, Hkv, d)
+        if not 0 <= n_quant <= cap:
+            raise ValueError(f"n_quant={n_quant} outside the {role} store's capacity {cap}")
+        if fmt.kind == "kivi" and role == "k" and n_quant % fmt.group:
+            raise ValueError(f"kivi keys hold whole groups of {fmt.group} tokens; n_quant={n_quant}")
+        if fmt.kind == "nsep" and (scale is None or tuple(scale.shape) != (Hkv, d)):
+            got = None if scale is None else tuple(scale.shape)
+            raise ValueError(f"nsep {role} needs its static scale of shape [{Hkv}, {d}], got {got}")
+    return B, Hq, Hkv, d
+
+
+def decode_attention(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k_fmt: KVFormat,
+                     v_fmt: KVFormat, n_quant: int, fp_k: Tensor, fp_v: Tensor, n_fp: int, n_sinks: int,
+                     scaling: float, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+                     seq_start: Tensor | None = None, softcap: float | None = None,
+                     num_splits: int | None = None) -> Tensor:
+    """Attention of one query token per sequence over a packed KV cache: ``q [B, Hq, d]`` -> ``[B, Hq, d]``.
+
+    Keys/values are the quantized tokens ``[0, n_quant)`` of ``k_store``/``v_store`` (absolute positions
+    ``n_sinks + i``) plus the fp slots ``[0, n_fp)`` of ``fp_k``/``fp_v`` (slot ``j`` is at position ``j`` if
+    ``j < n_sinks`` else ``n_quant + j``). GQA: query head ``h`` uses KV head ``h // (Hq / Hkv)``. ``seq_start``
+    ``[B]``: keys at positions ``< seq_start[b]`` are masked (left padding). ``softcap``: Gemma-2 score capping.
+    ``k_scale``/``v_scale`` ``[Hkv, d]``: the static nsep scales. ``num_splits``: sequence splits of the quantized
+    range (default: a heuristic that fills the GPU). Output dtype is ``q.dtype``.
+    """
+    return _decode(q, k_store, v_store, k_fmt, v_fmt, n_quant, fp_k, fp_v, n_fp, n_sinks, scaling, k_scale, v_scale,
+                   seq_start, softcap, num_splits, None)
+
+
+def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k_fmt: KVFormat, v_fmt: KVFormat,
+            n_quant: int, fp_k: Tensor, fp_v: Tensor, n_fp: int, n_sinks: int, scaling: float,
+            k_scale: Tensor | None, v_scale: Tensor | None, seq_start: Tensor | None, softcap: float | None,
+            num_splits: int | None, config: DecodeConfig | None) -> Tensor:
+    """:func:`decode_attention` with an explicit launch configuration (used by the benchmark's tuner)."""
+    B, Hq, Hkv, d = _check(q, k_store, v_store, k_fmt, v_fmt, n_quant, fp_k, fp_v, n_fp, k_scale, v_scale)
+    backend = backend_for(q)
+    if backend != "torch" and not (_word_readable(k_fmt, k_store) and _word_readable(v_fmt, v_store)):
+        # head_dim * bits / 8 not a multiple of 4 (head_dim not a multiple of 16 at 2 bits): no fused kernel
+        warnings.warn(f"decode_attention: head_dim {d} packs into rows that are not whole 32-bit words; "
+                      "using the (slow) PyTorch path", stacklevel=2)
+        backend = "torch"
+    if backend == "torch":
+        return decode_attention_reference(q, k_store, v_store, k_fmt, v_fmt, n_quant, fp_k, fp_v, n_fp, n_sinks,
+                                          scaling, k_scale, v_scale, seq_start, softcap).to(q.dtype)
+    cfg = config or DecodeConfig.from_env()
+    block_n = cfg.block_for(k_fmt, v_fmt, d)
+    G = Hq // Hkv
+    out = torch.empty(B, Hq, d, dtype=q.dtype, device=q.device)
+    if n_quant == 0 and n_fp == 0:  # nothing to attend to: the reference's softmax over no keys gives zeros
+        return out.zero_()
+    chunk = 0
+    g_pad = max(cfg.min_g_pad, next_pow2(G))
+    # the launch's compile-time specialisation: programs of one key share registers/shared memory, so occupancy
+    occ_key = (k_fmt, v_fmt, d, g_pad, q.dtype, fp_k.dtype, block_n, cfg.block_f, cfg.num_warps, cfg.num_stages)
+    if n_quant:
+        if num_splits is None:
+            if backend == "triton":
+                slots = num_sms(q.device.index or 0) * _OCCUPANCY.get(occ_key, cfg.ctas_per_sm)
+            else:
+                slots = 4
+            num_splits = pick_num_splits(n_quant, B * Hkv, block_n, slots)
+        blocks = -(-n_quant // block_n)
+        chunk = -(-blocks // max(1, min(num_splits, blocks))) * block_n  # whole blocks per split
+        num_splits = -(-n_quant // chunk)  # drops splits that the rounding left empty
+    else:
+        num_splits = 0
+    has_fp = n_fp > 0
+    n_slots = num_splits + int(has_fp)
+    direct = n_slots == 1
+
+    k_data, ka, kb, kms, kc = _source(k_fmt, k_store, q, backend)
+    v_data, va, vb, vms, vc = _source(v_fmt, v_store, q, backend)
+    dummy = q  # stands in for pointers a configuration never reads
+    ks = k_scale.to(q.device, torch.float32).contiguous() if k_scale is not None else dummy
+    vs = v_scale.to(q.device, torch.float32).contiguous() if v_scale is not None else dummy
+    if direct:
+        pm = pl = pacc = dummy
+    else:
+        pm = torch.empty(B * Hkv * n_slots * G, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(B * Hkv * n_slots * G * d, dtype=torch.float32, device=q.device)
+    start = seq_start.to(q.device, torch.int32).contiguous() if seq_start is not None else dummy
+    if softcap:
+        qscale, capscale = scaling / softcap, softcap * _LOG2E
+    else:
+        qscale, capscale = scaling * _LOG2E, 1.0
+    fk_dt = _tl_dtype(_data_dot_dtype(fp_k, q, backend))
+    fv_dt = _tl_dtype(_data_dot_dtype(fp_v, q, backend))
+    # strides of the data's token axis etc.; last axes are contiguous in every store the runtime allocates
+    for t in (k_data, v_data, fp_k, fp_v, q):
+        if t.stride(-1) != 1:
+            raise ValueError("decode_attention needs tensors whose last axis is contiguous")
+
+    grid = (B * Hkv, n_slots)
+    kernel = _decode_split_kernel[grid](
+        q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
+        k_data, *k_data.stride()[:3], ka, kb, *kms, ks,
+        v_data, *v_data.stride()[:3], va, vb, *vms, vs,
+        fp_k, *fp_k.stride()[:3], fp_v, *fp_v.stride()[:3],
+        pm, pl, pacc, start,
+        Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, float(qscale), float(capscale),
+        HEAD_DIM=d, G_PAD=g_pad, BLOCK_N=block_n, BLOCK_F=cfg.block_f,
+        K_KIND=kc["KIND"], K_BITS=kc["BITS"], K_GROUP=kc["GROUP"], K_P=kc["P"], K_MP=kc["MP"],
+        K_NSEP=kc["NSEP"], K_DT=kc["DT"],
+        V_KIND=vc["KIND"], V_BITS=vc["BITS"], V_GROUP=vc["GROUP"], V_P=vc["P"], V_MP=vc["MP"],
+        V_NSEP=vc["NSEP"], V_DT=vc["DT"],
+        F_MP=next_pow2(d), FK_DT=fk_dt, FV_DT=fv_dt,
+        HAS_QUANT=num_splits > 0, HAS_FP=has_fp, HAS_START=seq_start is not None, HAS_SOFTCAP=bool(softcap),
+        DIRECT=direct,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if backend == "triton" and occ_key not in _OCCUPANCY:
+        _OCCUPANCY[occ_key] = _ctas_per_sm(kernel, cfg.num_warps, q.device.index or 0, cfg.ctas_per_sm)
+    if not direct:
+        _merge_kernel[(B * Hq,)](
+            pm, pl, pacc, out, out.stride(0), out.stride(1), Hq, G, n_slots,
+            HEAD_DIM=d, D_PAD=next_pow2(d), S_PAD=next_pow2(n_slots), S_BLOCK=min(16, next_pow2(n_slots)),
+            num_warps=4,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def _dequant_range(store: dict[str, Tensor], fmt: KVFormat, role: str, n: int, scale: Tensor | None) -> Tensor:
+    qt = {name: t[:, :, :token_rows(fmt, role, name, n)] for name, t in store.items()}
+    return formats.dequantize(qt, fmt, role, scale)
+
+
+def decode_attention_reference(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k_fmt: KVFormat,
+                               v_fmt: KVFormat, n_quant: int, fp_k: Tensor, fp_v: Tensor, n_fp: int, n_sinks: int,
+                               scaling: float, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+                               seq_start: Tensor | None = None, softcap: float | None = None,
+                               num_splits: int | None = None) -> Tensor:
+    """:func:`decode_attention` in fp32 PyTorch: dequantize through formats.py, then plain softmax attention.
+
+    Returns fp32 ``[B, Hq, d]``. ``num_splits`` is accepted for signature parity and ignored.
+    """
+    B, Hq, Hkv, d = _check(q, k_store, v_store, k_fmt, v_fmt, n_quant, fp_k, fp_v, n_fp, k_scale, v_scale)
+    dev = q.device
+    k = torch.cat([_dequant_range(k_store, k_fmt, "k", n_quant, k_scale), fp_k[:, :, :n_fp].float()], dim=2)
+    v = torch.cat([_dequant_range(v_store, v_fmt, "v", n_quant, v_scale), fp_v[:, :, :n_fp].float()], dim=2)
+    slot = torch.arange(n_fp, device=dev)
+    pos = torch.cat([n_sinks + torch.arange(n_quant, device=dev), torch.where(slot < n_sinks, slot, n_quant + slot)])
+    valid = None
+    if seq_start is not None:
+        valid = pos[None, :] >= seq_start.to(dev).long()[:, None]
+    qf = q.float()[:, :, None]
+    if softcap is None:
+        return formats.reference_attention(qf, k, v, scaling, key_valid=valid)[:, :, 0]
+    # formats.reference_attention has no soft-capping: same attention with Gemma-2's capped scores
+    G = Hq // Hkv
+    kf, vf = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    scores = softcap * torch.tanh(torch.matmul(qf, kf.transpose(-1, -2)) * scaling / softcap)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.matmul(probs, vf)[:, :, 0]
