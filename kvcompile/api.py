@@ -214,5 +214,7 @@ def _runs(names: list[str]) -> str:
 
 
 def export_onnx(artifact: str | Path, out: str | Path) -> Path:
-    """Export an artifact as an ONNX decoder-with-past over the packed KV cache."""
-    raise NotImplementedError("kvcompile export-onnx is not implemented yet")
+    """Export an artifact as an ONNX decoder-with-past over the packed KV cache (see ``kvcompile.onnx_export``)."""
+    from kvcompile.onnx_export import export_onnx as _export
+
+    return _export(artifact, out)

@@ -70,14 +70,14 @@ def _causal(t: int, length: int, offset: int, device: torch.device) -> Tensor:
 def _group_past(layer: QuantizedLayer, g: HeadGroup, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Keys/values of a head group in position order: sinks, dequantized packed tokens, tail (incl. the new chunk)."""
     s = min(layer.sinks, layer.n_fp)
-    parts_k, parts_v = [g.fp_k[:, :, :s]], [g.fp_v[:, :, :s]]
+    parts_k, parts_v = [g.fp_k[:, :, :s].to(dtype)], [g.fp_v[:, :, :s].to(dtype)]
     if layer.n_quant:
         kq = slice_store(g.k_store, g.kfmt, "k", layer.n_quant)
         vq = slice_store(g.v_store, g.vfmt, "v", layer.n_quant)
         parts_k.append(dequantize(kq, g.kfmt, "k", g.k_scale).to(dtype))
         parts_v.append(dequantize(vq, g.vfmt, "v", g.v_scale).to(dtype))
-    parts_k.append(g.fp_k[:, :, s:layer.n_fp])
-    parts_v.append(g.fp_v[:, :, s:layer.n_fp])
+    parts_k.append(g.fp_k[:, :, s:layer.n_fp].to(dtype))
+    parts_v.append(g.fp_v[:, :, s:layer.n_fp].to(dtype))
     return torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
 
 

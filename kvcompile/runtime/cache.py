@@ -105,6 +105,9 @@ class QuantizedLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ transformers Cache layer protocol
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        # The window, sinks and fp16-format heads are stored in 16 bits: an fp32 model (CPU) would otherwise keep a
+        # window twice the size the plan's byte count (and an fp16 cache) assumes. bf16/fp16 models keep their dtype.
+        self.store_dtype = torch.float16 if self.dtype == torch.float32 else self.dtype
         self.batch, self.head_dim = key_states.shape[0], key_states.shape[-1]
         for g in self.groups:
             for name in ("k_scale", "v_scale"):
@@ -180,8 +183,8 @@ class QuantizedLayer(CacheLayerMixin):
                 continue
             new_cap = max(need, self.sinks + self.window + self.block)
             shape = (self.batch, len(g.heads), new_cap, self.head_dim)
-            fk = torch.empty(shape, dtype=self.dtype, device=self.device)
-            fv = torch.empty(shape, dtype=self.dtype, device=self.device)
+            fk = torch.empty(shape, dtype=self.store_dtype, device=self.device)
+            fv = torch.empty(shape, dtype=self.store_dtype, device=self.device)
             if g.fp_k is not None and self.n_fp:
                 fk[:, :, :self.n_fp] = g.fp_k[:, :, :self.n_fp]
                 fv[:, :, :self.n_fp] = g.fp_v[:, :, :self.n_fp]
@@ -195,7 +198,8 @@ class QuantizedLayer(CacheLayerMixin):
         for g in self.groups:
             for role, fmt, attr in (("k", g.kfmt, "k_store"), ("v", g.vfmt, "v_store")):
                 old = getattr(g, attr)
-                new = empty_store(fmt, role, self.batch, len(g.heads), cap, self.head_dim, self.device, self.dtype)
+                new = empty_store(fmt, role, self.batch, len(g.heads), cap, self.head_dim, self.device,
+                                  self.store_dtype)
                 for name, t in old.items():
                     n = token_axis_length(fmt, role, name, self.n_quant)
                     new[name][:, :, :n] = t[:, :, :n]

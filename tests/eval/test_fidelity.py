@@ -74,11 +74,11 @@ def test_fp16_plan_is_exact(text_file: str) -> None:
 
 
 def test_runtime_layer_without_quantized_tokens_matches_reference(text_file: str) -> None:
-    """A QuantizedLayer whose window never fills holds everything in full precision: same output as the reference,
-    with centred K and V (exact for attention), chunking, sinks and GQA in play."""
+    """A QuantizedLayer whose window never fills holds everything in its 16-bit window: same output as the fp32
+    reference up to fp16 rounding, with centred K and V (exact for attention), chunking, sinks and GQA in play."""
     r = _fidelity(*_uniform("nsep-4", 4 * CTX, center=True), text_file)
     per_layer = r["details"]["per_layer"]
-    assert min(per_layer["cos"]) > 1 - 1e-6 and max(per_layer["rel_mse"]) < 1e-9
+    assert min(per_layer["cos"]) > 1 - 1e-5 and max(per_layer["rel_mse"]) < 1e-5
 
 
 def test_quantized_plans_lose_fidelity_in_order_of_bits(text_file: str) -> None:

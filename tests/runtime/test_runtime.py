@@ -133,14 +133,15 @@ def test_fp16_plan_is_the_plain_model(model: torch.nn.Module) -> None:
 
 
 def test_no_quantization_inside_window_is_exact(model: torch.nn.Module) -> None:
-    """With a window longer than the sequence, nothing is quantized: centring alone must not change the output."""
+    """With a window longer than the sequence, nothing is quantized: centring and the 16-bit window storage alone
+    change the fp32 model's logits only by fp16 rounding."""
     plan, params = _plan("nsep-2", "nsep-2", window=200, sinks=0)
     lower(model, plan, params)
     ids = torch.randint(4, 160, (1, 50), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         plain = model(ids, past_key_values=DynamicCache()).logits
     got = _run_chunks(model, ids, model.kvcompile.new_cache(), [25] + [1] * 25)
-    torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, plain, rtol=1e-3, atol=1e-3)
 
 
 def test_left_padding_batch(model: torch.nn.Module) -> None:
@@ -209,10 +210,9 @@ def test_cache_holds_packed_bytes_plus_window(model: torch.nn.Module) -> None:
     n_quant = 300 - n_fp
     assert layer.n_quant == n_quant
     per_layer_q = plan.bytes_per_token() / SHAPE.num_layers
-    per_layer_fp = 2 * SHAPE.num_kv_heads * SHAPE.head_dim * 4  # K and V; fp32 model: 4-byte elements in the tail
+    per_layer_fp = 2 * SHAPE.num_kv_heads * SHAPE.head_dim * 2  # K and V; the tail is stored in 16 bits
     assert cache.storage_bytes() == SHAPE.num_layers * (n_quant * per_layer_q + n_fp * per_layer_fp)
-    fp32_bytes = 2 * plan.fp16_bytes_per_token() * 300
-    assert cache.storage_bytes() < 0.2 * fp32_bytes  # 4+2-bit codes, r per token, a 12-token fp32 tail
+    assert cache.storage_bytes() < 0.3 * plan.fp16_bytes_per_token() * 300  # 4+2-bit codes + r at d=16, 12-token tail
 
 
 def test_plan_for_wrong_model_is_rejected(model: torch.nn.Module) -> None:
