@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -19,15 +17,6 @@ from tests.tiny import WORDS, tiny_llama_config, tiny_model, tiny_tokenizer
 CFG = tiny_llama_config()
 SHAPE = ModelShape.from_config(CFG)
 OPTS = dict(lengths=(48,), depths=(0.5,), multi_haystacks=1, multi_needles=2, chunk=16, max_new_tokens=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: on a shared CPU, intra-op thread synchronisation costs far more than it saves (x100 seen)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _text(n_sentences: int = 400, seed: int = 0) -> str:

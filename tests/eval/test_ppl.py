@@ -26,15 +26,6 @@ SHAPE = ModelShape.from_config(CFG)
 CTX, CHUNK = 96, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: on a shared CPU, intra-op thread synchronisation costs far more than it saves (x100 seen)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A local text source (its eval split is the last 20%) and a private kvcompile cache."""
