@@ -22,14 +22,26 @@ Formats (per token t, head h, channel c)
     groups of ``group`` consecutive channels. ``scale = (max - min) / (2^b - 1)``, ``zero = min``,
     ``code = clamp(round((x - zero) / scale), 0, 2^b - 1)``, ``x_hat = code * scale + zero``.
 ``nsep`` (the core)
-    ``n = ||x||``, ``u = x / n``; ``q_c = clamp(round(u_c / s_c), -qmax, qmax)`` with a static per-(head, channel)
-    scale ``s_c = alpha * P_c / qmax`` (``P_c`` a calibrated max or high percentile of ``|u_c|``).
+    ``n = ||x||``, ``u = x / n``; ``q_c = clamp(round(u_c / s_c), -L, L)`` (2 bits: the nearest odd integer) with a
+    static per-(head, channel) scale ``s_c = alpha * P_c / L`` (``P_c`` a calibrated max or high percentile of
+    ``|u_c|``), so the top level ``L * s_c`` is ``alpha * P_c``. ``L = nsep_levels(b)``: ``qmax = 2^(b-1) - 1``
+    at 3, 4 and 8 bits (grid ``{-qmax, ..., qmax}``), 3 at 2 bits (see below).
     Stored: the codes and ``r = n / ||s * q||`` (fp16). Dequantize: ``x_hat = r * s * q``.
     If every code of a vector rounds to zero, the code of the channel with the largest ``|u_c| / s_c`` is set to
     ``sign(u_c)`` so the vector keeps its norm and its dominant direction instead of silently becoming zero.
+``nsep`` at 2 bits: a midrise grid
+    ``q`` takes the four odd values ``{-3, -1, +1, +3}`` (``L = 3``): ``q_c`` is the odd integer nearest to
+    ``u_c / s_c``, clamped to ``[-3, 3]`` (computed as ``q = 2 * round((clamp(u/s, -3, 3) + 3) / 2) - 3``, round half
+    to even, so an exact zero gives ``+1``). Why: the symmetric grid ``{-1, 0, +1}`` wastes one of the four codes, and
+    since the components of a unit direction are small (``~1/sqrt(d)``) next to the calibrated top level, it rounds
+    most of them to zero; the optimal 4-level quantizer of a Gaussian has ~40% lower MSE than the 3-level one
+    (0.118 vs 0.190 sigma^2, Lloyd-Max). There is no zero level, so ``||s * q|| > 0`` always and the all-zero
+    fallback never applies at 2 bits.
 
 Symmetric codes (int-token, nsep) are stored offset-binary: ``stored = q + 2^(b-1)``, so ``q`` in
-``[-qmax, qmax]`` with ``qmax = 2^(b-1) - 1`` maps to ``[1, 2^b - 1]``. Asymmetric codes (kivi) are stored as is.
+``[-qmax, qmax]`` with ``qmax = 2^(b-1) - 1`` maps to ``[1, 2^b - 1]``. nsep-2 (midrise) stores
+``(q + 3) / 2`` in ``[0, 3]`` (all four codes used; ``q = 2 * stored - 3``). int-token keeps the symmetric grid at
+every width (it is the naive baseline). Asymmetric codes (kivi) are stored as is.
 
 Bit layout of packed codes (``pack_codes``)
 -------------------------------------------
@@ -189,6 +201,16 @@ def qmax_of(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
+def nsep_midrise(bits: int) -> bool:
+    """Whether nsep at ``bits`` uses the midrise grid ``{-3, -1, +1, +3}`` (2 bits) instead of the symmetric one."""
+    return bits == 2
+
+
+def nsep_levels(bits: int) -> int:
+    """nsep's top level ``L`` (``s = alpha * P / L``): 3 at 2 bits (midrise), ``2^(b-1) - 1`` otherwise."""
+    return 3 if nsep_midrise(bits) else qmax_of(bits)
+
+
 # ---------------------------------------------------------------------------------------------- int-token
 def int_token_quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Symmetric per-token absmax. Returns signed integer codes ``[..., d]`` (int8) and ``r`` ``[...]`` (fp32)."""
@@ -201,7 +223,7 @@ def int_token_quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 
 # ---------------------------------------------------------------------------------------------- nsep
 def nsep_scale(p: Tensor, bits: int, alpha: float | Tensor = 1.0) -> Tensor:
-    """Static nsep scale ``s = alpha * P / qmax`` from calibrated direction statistics ``P`` (``[H, d]``).
+    """Static nsep scale ``s = alpha * P / L`` (``L = nsep_levels(bits)``) from direction statistics ``P`` (``[H, d]``).
 
     ``P`` is clamped away from zero so a channel never seen non-zero in calibration still gets a usable scale.
     """
@@ -210,20 +232,28 @@ def nsep_scale(p: Tensor, bits: int, alpha: float | Tensor = 1.0) -> Tensor:
         alpha = alpha.float().to(p.device)
         while alpha.dim() < p.dim():
             alpha = alpha.unsqueeze(-1)
-    return alpha * p / qmax_of(bits)
+    return alpha * p / nsep_levels(bits)
 
 
 def nsep_quantize(x: Tensor, s: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Norm-separated quantization of ``x`` ``[B, H, T, d]`` with static scales ``s`` ``[H, d]``.
 
     Returns signed codes (int8, ``[B, H, T, d]``) and ``r = ||x|| / ||s * q||`` (fp32, ``[B, H, T]``).
+    At 2 bits the codes are the odd values ``{-3, -1, +1, +3}`` (midrise grid, see the module docstring).
     """
-    qmax = qmax_of(bits)
     xf = x.float()
     sb = s.float().to(x.device)[:, None, :]  # [H, 1, d] broadcasts over [B, H, T, d]
     n = torch.linalg.vector_norm(xf, dim=-1)
     u = xf / n.clamp_min(_EPS).unsqueeze(-1)
     ratio = u / sb
+    if nsep_midrise(bits):
+        # nearest odd integer in [-3, 3]: stored code c = round((v + 3) / 2) in [0, 3], q = 2c - 3 (no zero level,
+        # so the all-zero fallback below cannot apply)
+        c = torch.round(ratio.clamp(-3.0, 3.0) * 0.5 + 1.5)
+        q = c * 2.0 - 3.0
+        sq_norm = torch.linalg.vector_norm(q * sb, dim=-1)
+        return q.to(torch.int8), n / sq_norm.clamp_min(_EPS)
+    qmax = qmax_of(bits)
     q = torch.round(ratio).clamp(-qmax, qmax)
     # All-zero codes: keep the dominant channel (largest |u_c| / s_c) at +-1 rather than a zero vector.
     dead = (q == 0).all(dim=-1)
@@ -315,14 +345,21 @@ def quantize(x: Tensor, fmt: KVFormat, role: Role, scale: Tensor | None = None) 
         if scale is None:
             raise ValueError("nsep needs its calibrated static scale")
         q, r = nsep_quantize(x, scale, fmt.bits)
-        return {"codes": pack_codes((q + (1 << (fmt.bits - 1))).to(torch.uint8), fmt.bits), "r": r.half()}
+        if nsep_midrise(fmt.bits):
+            code = (q.float() + 3.0) * 0.5  # odd q in [-3, 3] -> [0, 3], exact
+        else:
+            code = q + (1 << (fmt.bits - 1))
+        return {"codes": pack_codes(code.to(torch.uint8), fmt.bits), "r": r.half()}
     code, sc, zr = kivi_quantize(x, fmt.bits, fmt.group, role)
     return {"codes": pack_codes(code, fmt.bits), "scale": sc.half(), "zero": zr.half()}
 
 
 def signed_codes(qt: QTensor, fmt: KVFormat) -> Tensor:
-    """Unpack a symmetric format's codes to signed values (float32) ``[..., d]``."""
-    return unpack_codes(qt["codes"], fmt.bits).float() - float(1 << (fmt.bits - 1))
+    """Unpack a symmetric format's codes to signed values ``q`` (float32) ``[..., d]`` (nsep-2: ``2 * code - 3``)."""
+    c = unpack_codes(qt["codes"], fmt.bits).float()
+    if fmt.kind == "nsep" and nsep_midrise(fmt.bits):
+        return c * 2.0 - 3.0
+    return c - float(1 << (fmt.bits - 1))
 
 
 def dequantize(qt: QTensor, fmt: KVFormat, role: Role, scale: Tensor | None = None) -> Tensor:

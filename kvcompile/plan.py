@@ -13,7 +13,8 @@ from typing import Any
 from kvcompile.errors import KVCompileError
 from kvcompile.formats import FP16, KVFormat
 
-PLAN_VERSION = 1
+#: 2: nsep at 2 bits moved to the midrise grid {-3, -1, 1, 3} * s (version-1 nsep-2 scales mean another grid)
+PLAN_VERSION = 2
 
 
 class PlanError(KVCompileError):
@@ -212,6 +213,11 @@ class Plan:
             layers = [LayerPlan([HeadPlan(KVFormat.parse(k), KVFormat.parse(v))
                                  for k, v in zip(lay["k"], lay["v"], strict=True)])
                       for lay in d["layers"]]
+            if version < 2 and any(f.kind == "nsep" and f.bits == 2 for lay in layers for hp in lay.heads
+                                   for f in (hp.k, hp.v)):
+                raise PlanError("this plan was built by an older kvcompile whose nsep 2-bit grid differs from this "
+                                "one (plan format 1): rebuild it with `kvcompile build`")
+            version = PLAN_VERSION
             plan = cls(ModelShape.from_dict(d["shape"]), layers, int(d["window"]), int(d["sinks"]),
                        int(d.get("block", 32)), bool(d.get("k_center", False)), bool(d.get("v_center", False)),
                        dict(d.get("meta", {})), version)

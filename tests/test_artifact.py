@@ -131,3 +131,20 @@ def test_staging_is_atomic(tmp_path: Path) -> None:
         (tmp / "half.bin").write_bytes(b"x")
         raise RuntimeError("crash mid-write")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_plan_format_1_with_nsep2_heads_is_refused() -> None:
+    """Format-1 plans meant another nsep 2-bit grid: refused with a rebuild hint; other format-1 plans still load."""
+    from kvcompile.formats import KVFormat
+    from kvcompile.plan import ModelShape, Plan, PlanError
+    from tests.tiny import tiny_llama_config
+
+    shape = ModelShape.from_config(tiny_llama_config())
+    for k, ok in (("nsep-2", False), ("nsep-4", True)):
+        d = Plan.uniform(shape, KVFormat.parse(k), KVFormat.parse("nsep-4"), window=8, sinks=2).to_dict()
+        d["version"] = 1
+        if ok:
+            assert Plan.from_dict(d).layers[0].heads[0].k == KVFormat.parse(k)
+        else:
+            with pytest.raises(PlanError, match="rebuild"):
+                Plan.from_dict(d)

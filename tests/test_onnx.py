@@ -60,8 +60,9 @@ def _params(seed: int = 0) -> KVParams:
     p = KVParams()
     for i in range(SHAPE.num_layers):
         for role in ("k", "v"):
-            # layer 1 V (nsep-2, s = P): P near 1 rounds many directions to all-zero codes, so the fallback runs
-            lo = 0.8 if (i, role) == (1, "v") else 0.3
+            # layer 1 K (nsep-4, s = P / 7): P far above 1 rounds many directions to all-zero codes, so the fallback
+            # runs (nsep-2 is midrise: it has no zero code and no fallback)
+            lo = 6.0 if (i, role) == (1, "k") else 0.3
             p.set(i, role, "p", lo + 0.5 * torch.rand(SHAPE.num_kv_heads, SHAPE.head_dim, generator=g))
             p.set(i, role, "mean", 0.3 * torch.randn(SHAPE.num_kv_heads, SHAPE.head_dim, generator=g))
     return p
@@ -230,7 +231,7 @@ def _feeds(dec: OnnxDecoder, state: list[torch.Tensor], ids: torch.Tensor) -> di
 
 def test_graph_stores_formats_quantize_of_new_tokens(mixed: tuple[Path, Path]) -> None:
     """From a random state, a 6-token chunk: each new token's store row is formats.quantize of its full-precision
-    copy in the window (nsep 2/4 bits with the all-zero fallback, int-token 8, fp16); old rows are kept as they were.
+    copy in the window (nsep-2 midrise, nsep-4 with the all-zero fallback, int-token 8, fp16); old rows are kept.
     """
     art, out = mixed
     step, dec = _eager_step(art), OnnxDecoder(out)
@@ -252,7 +253,7 @@ def test_graph_stores_formats_quantize_of_new_tokens(mixed: tuple[Path, Path]) -
                 scale = scale[list(g.heads)] if fmt.kind == "nsep" else None
                 new = window[:, :, -t:]
                 want = quantize(new, fmt, role, scale)
-                if fmt.kind == "nsep" and fmt.bits == 2:
+                if fmt.kind == "nsep" and fmt.bits == 4:
                     u = new / torch.linalg.vector_norm(new, dim=-1, keepdim=True)
                     dead += int(((u / scale[None, :, None, :]).round() == 0).all(dim=-1).sum())
                 for name, x in want.items():

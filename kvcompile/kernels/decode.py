@@ -19,6 +19,11 @@ One query token per sequence attends to ``n_quant`` quantized tokens (read packe
    * updates an online softmax (base 2) and accumulates ``sum_t (p_t r_t) code_t`` with one dot per value slice;
      the static value scale ``s`` is applied once at the end.
 
+   nsep-2 codes are midrise, ``q = 2 code - 3`` (see :mod:`kvcompile.formats`), an offset that is not an integer
+   multiple of the code step: keys use ``q . code`` with the factor 2 folded into the score multiplier and the offset
+   3/2 removed through the query's sum; values accumulate the raw codes plus ``sum_t p_t r_t`` and the output is
+   ``2 acc - 3 sum_t p_t r_t`` (partials stay plain unnormalized sums, so the merge is the same for every format).
+
    Tokens are the MMA M dimension (``[BLOCK_N, d] @ [d, G]``): the unpacked codes are the dot's A operand and the
    query the small loop-invariant B operand, with ``G`` padded to a power of two (>= 8). Each program writes its
    partial (max, sum, unnormalized output) in fp32.
@@ -121,17 +126,18 @@ def _load_tile(ptr, st, t, tmask, KIND: tl.constexpr, M: tl.constexpr, MP: tl.co
 @jit
 def _slice(tile, SL: tl.constexpr, a_ptr, b_ptr, smt, t, tmask, IS_K: tl.constexpr,
            KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
-           DT: tl.constexpr):
+           DT: tl.constexpr, MID: tl.constexpr):
     """Slice SL of a loaded K or V tile as DT values [BLOCK_N, MP] in slot order.
 
     int-token / nsep: keys give ``code * 2^(SL*BITS - 24)`` (the caller removes the offset through the query's sum),
-    values ``(code - offset) * 2^(SL*BITS - 24)``; callers apply the powers of two and the multipliers. kivi: the
-    dequantized values. fp16: the data.
+    values ``(code - offset) * 2^(SL*BITS - 24)``; callers apply the powers of two and the multipliers. MID (midrise
+    nsep-2 values): the raw ``code * 2^(SL*BITS - 24)``, the caller removes the offset. kivi: the dequantized values.
+    fp16: the data.
     """
     if KIND == 0:
         out = tile.to(DT)
     elif KIND == 1:
-        out = _unpack(tile, SL, BITS, 0 if IS_K else 1 << (BITS - 1), t.shape[0], MP).to(DT)
+        out = _unpack(tile, SL, BITS, 0 if IS_K else (0 if MID else 1 << (BITS - 1)), t.shape[0], MP).to(DT)
     else:
         # kivi: keys have a scale/zero row per channel and group of GROUP tokens, values one per token and group of
         # GROUP channels
@@ -161,14 +167,20 @@ def _q_slice(q_ptr, sqh, ks_ptr, qscale, gmask, SL: tl.constexpr, KIND: tl.const
 
 
 @jit
-def _store_slice(acc, l_i, SL: tl.constexpr, vs_ptr, pacc_ptr, out_ptr, soh, gmask, KIND: tl.constexpr,
+def _store_slice(acc, l_i, prs, SL: tl.constexpr, vs_ptr, pacc_ptr, out_ptr, soh, gmask, KIND: tl.constexpr,
                  BITS: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 NSEP: tl.constexpr, DIRECT: tl.constexpr):
-    """Write slice SL of the accumulated output [MP, G_PAD] (slot order) to its channels, final or partial."""
+                 NSEP: tl.constexpr, DIRECT: tl.constexpr, MID: tl.constexpr):
+    """Write slice SL of the accumulated output [MP, G_PAD] (slot order) to its channels, final or partial.
+
+    MID (midrise nsep-2 values): acc holds ``sum_t (p r)_t code_t`` and prs ``sum_t (p r)_t``; with ``q = 2 code - 3``
+    the output is ``2 acc - 3 prs``.
+    """
     chan, real = _slot_chan(KIND, SL, M, MP)
     g = tl.arange(0, G_PAD)
     if KIND == 1:
         acc = acc * (_TWO24 / (1 << (SL * BITS)))  # slice SL was read as code * 2^(SL*BITS - 24)
+    if MID:
+        acc = acc * 2.0 - 3.0 * prs[None, :]
     if NSEP:
         acc = acc * tl.load(vs_ptr + chan, mask=real, other=0.0)[:, None]  # the static value scale, once
     omask = real[:, None] & gmask[None, :]
@@ -201,6 +213,9 @@ def _attend(
     V_M: tl.constexpr = HEAD_DIM // V_P
     K_IEEE: tl.constexpr = K_DT == tl.float32  # noqa: SIM300 (a constexpr must be on the left)
     V_IEEE: tl.constexpr = V_DT == tl.float32  # noqa: SIM300
+    # NSEP == 2: nsep's midrise 2-bit grid, q = 2 code - 3 (see _source)
+    K_MID: tl.constexpr = K_NSEP == 2
+    V_MID: tl.constexpr = V_NSEP == 2
     gmask = tl.arange(0, G_PAD) < G
 
     # the query, pre-scaled once per program (softmax scale and log2(e), or 1/softcap; nsep key scale)
@@ -231,8 +246,13 @@ def _attend(
             qk3 = (qk3 * (qnorm / (1 << (3 * K_BITS)))).to(K_DT)
             qoff += tl.sum(qk2.to(tl.float32), axis=0) * (1 << (2 * K_BITS))
             qoff += tl.sum(qk3.to(tl.float32), axis=0) * (1 << (3 * K_BITS))
-        qoff = qoff * (1 << (K_BITS - 1))
-        rq = 1.0 / qnorm
+        if K_MID:
+            # midrise nsep-2: q . (2 code - 3) = 2 (q . code - 3/2 sum(q)); the factor 2 goes into the multiplier
+            qoff = qoff * 1.5
+            rq = 2.0 / qnorm
+        else:
+            qoff = qoff * (1 << (K_BITS - 1))
+            rq = 1.0 / qnorm
     else:  # fp16 data, or kivi keys (dequantized to their real values in the loop)
         qk0 = qk0.to(K_DT)
         if K_P > 1:
@@ -244,6 +264,9 @@ def _attend(
     m_i = tl.full([G_PAD], _NEG, tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc0 = tl.zeros([V_MP, G_PAD], tl.float32)
+    prs = l_i  # midrise values: sum_t p_t r_t (rescaled like acc); a placeholder otherwise
+    if V_MID:
+        prs = tl.zeros([G_PAD], tl.float32)
     if V_P > 1:
         acc1 = tl.zeros([V_MP, G_PAD], tl.float32)
     if V_P > 2:
@@ -254,15 +277,19 @@ def _attend(
         tmask = t < hi
         # keys: one load of the packed rows, then one dot per bit-slice
         kt = _load_tile(k_ptr, skt, t, tmask, K_KIND, K_M, K_MP)
-        s = _mma(_slice(kt, 0, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
+        s = _mma(_slice(kt, 0, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP,
+                        K_DT, K_MID),
                  qk0, tl.zeros([BLOCK_N, G_PAD], tl.float32), K_IEEE)
         if K_P > 1:
-            s = _mma(_slice(kt, 1, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
+            s = _mma(_slice(kt, 1, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP,
+                            K_DT, K_MID),
                      qk1, s, K_IEEE)
         if K_P > 2:
-            s = _mma(_slice(kt, 2, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
+            s = _mma(_slice(kt, 2, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP,
+                            K_DT, K_MID),
                      qk2, s, K_IEEE)
-            s = _mma(_slice(kt, 3, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
+            s = _mma(_slice(kt, 3, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP,
+                            K_DT, K_MID),
                      qk3, s, K_IEEE)
         if K_KIND == 1:
             r = tl.load(ka_ptr + t * skmt, mask=tmask, other=0.0).to(tl.float32) * rq
@@ -285,30 +312,32 @@ def _attend(
         if V_KIND == 1:
             p = p * tl.load(va_ptr + t * svmt, mask=tmask, other=0.0).to(tl.float32)[:, None]  # p_t r_t
         pv = p.to(V_DT)
+        if V_MID:
+            prs = prs * alpha + tl.sum(pv.to(tl.float32), axis=0)  # the very (rounded) weights the dots use
 
         # values: acc_I[c, g] += sum_t code_I[t, c] (p r)[t, g], the slice transposed as the dot's A operand
         vt = _load_tile(v_ptr, svt, t, tmask, V_KIND, V_M, V_MP)
         acc0 = _mma(tl.trans(_slice(vt, 0, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M, V_MP,
-                                    V_DT)), pv, acc0 * alpha[None, :], V_IEEE)
+                                    V_DT, V_MID)), pv, acc0 * alpha[None, :], V_IEEE)
         if V_P > 1:
             acc1 = _mma(tl.trans(_slice(vt, 1, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                        V_MP, V_DT)), pv, acc1 * alpha[None, :], V_IEEE)
+                                        V_MP, V_DT, V_MID)), pv, acc1 * alpha[None, :], V_IEEE)
         if V_P > 2:
             acc2 = _mma(tl.trans(_slice(vt, 2, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                        V_MP, V_DT)), pv, acc2 * alpha[None, :], V_IEEE)
+                                        V_MP, V_DT, V_MID)), pv, acc2 * alpha[None, :], V_IEEE)
             acc3 = _mma(tl.trans(_slice(vt, 3, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                        V_MP, V_DT)), pv, acc3 * alpha[None, :], V_IEEE)
+                                        V_MP, V_DT, V_MID)), pv, acc3 * alpha[None, :], V_IEEE)
 
-    _store_slice(acc0, l_i, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                 HEAD_DIM, V_NSEP, DIRECT)
+    _store_slice(acc0, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                 HEAD_DIM, V_NSEP, DIRECT, V_MID)
     if V_P > 1:
-        _store_slice(acc1, l_i, 1, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                     HEAD_DIM, V_NSEP, DIRECT)
+        _store_slice(acc1, l_i, prs, 1, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                     HEAD_DIM, V_NSEP, DIRECT, V_MID)
     if V_P > 2:
-        _store_slice(acc2, l_i, 2, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                     HEAD_DIM, V_NSEP, DIRECT)
-        _store_slice(acc3, l_i, 3, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                     HEAD_DIM, V_NSEP, DIRECT)
+        _store_slice(acc2, l_i, prs, 2, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                     HEAD_DIM, V_NSEP, DIRECT, V_MID)
+        _store_slice(acc3, l_i, prs, 3, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                     HEAD_DIM, V_NSEP, DIRECT, V_MID)
     if not DIRECT:
         g = tl.arange(0, G_PAD)
         tl.store(pm_ptr + g, m_i, mask=gmask)
@@ -321,7 +350,7 @@ def _decode_split_kernel(
     k_ptr, skb, skh, skt, ka_ptr, kb_ptr, skmb, skmh, skmt, ks_ptr,
     v_ptr, svb, svh, svt, va_ptr, vb_ptr, svmb, svmh, svmt, vs_ptr,
     fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt,
-    pm_ptr, pl_ptr, pacc_ptr, start_ptr,
+    pm_ptr, pl_ptr, pacc_ptr, start_ptr, lens_ptr,
     Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, qscale, capscale,
     HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
     K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_P: tl.constexpr, K_MP: tl.constexpr,
@@ -330,10 +359,16 @@ def _decode_split_kernel(
     V_NSEP: tl.constexpr, V_DT: tl.constexpr,
     F_MP: tl.constexpr, FK_DT: tl.constexpr, FV_DT: tl.constexpr,
     HAS_QUANT: tl.constexpr, HAS_FP: tl.constexpr, HAS_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, DEV_LENS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     sid = tl.program_id(1)
+    if DEV_LENS:
+        # lengths live on the device (CUDA-graph replay): the launch was sized for upper bounds; the real lengths
+        # are read here and the quantized range is re-split into whole blocks (splits past the end stay empty)
+        n_quant = tl.load(lens_ptr)
+        n_fp = tl.load(lens_ptr + 1)
+        chunk = tl.cdiv(tl.cdiv(n_quant, BLOCK_N), tl.maximum(num_splits, 1)) * BLOCK_N
     b = (pid_bh // Hkv).to(tl.int64)
     h = pid_bh % Hkv
     q = q_ptr + b * sqb + (h * G) * sqh
@@ -539,7 +574,9 @@ def _source(fmt: KVFormat, store: dict[str, Tensor], q: Tensor, backend: str):
         ms = a.stride()
         kind, bits, per, dt = _SYM, fmt.bits, 8 // fmt.bits, code_dt
     mp = next_pow2(data.shape[-1] * (1 if kind == _FP else 4))  # bytes of codes (or channels of data) per token
-    const = dict(KIND=kind, BITS=bits, GROUP=fmt.group, P=per, MP=mp, NSEP=fmt.kind == "nsep", DT=_tl_dtype(dt))
+    # NSEP: 0 no static scale, 1 nsep, 2 nsep on the midrise 2-bit grid (q = 2 code - 3; the kernel's K_MID / V_MID)
+    nsep = (2 if formats.nsep_midrise(fmt.bits) else 1) if fmt.kind == "nsep" else 0
+    const = dict(KIND=kind, BITS=bits, GROUP=fmt.group, P=per, MP=mp, NSEP=nsep, DT=_tl_dtype(dt))
     return data, a, b, ms, const
 
 
@@ -573,7 +610,7 @@ def decode_attention(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, T
                      v_fmt: KVFormat, n_quant: int, fp_k: Tensor, fp_v: Tensor, n_fp: int, n_sinks: int,
                      scaling: float, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
                      seq_start: Tensor | None = None, softcap: float | None = None,
-                     num_splits: int | None = None) -> Tensor:
+                     num_splits: int | None = None, lens: Tensor | None = None) -> Tensor:
     """Attention of one query token per sequence over a packed KV cache: ``q [B, Hq, d]`` -> ``[B, Hq, d]``.
 
     Keys/values are the quantized tokens ``[0, n_quant)`` of ``k_store``/``v_store`` (absolute positions
@@ -582,18 +619,26 @@ def decode_attention(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, T
     ``[B]``: keys at positions ``< seq_start[b]`` are masked (left padding). ``softcap``: Gemma-2 score capping.
     ``k_scale``/``v_scale`` ``[Hkv, d]``: the static nsep scales. ``num_splits``: sequence splits of the quantized
     range (default: a heuristic that fills the GPU). Output dtype is ``q.dtype``.
+
+    ``lens``: an int32 device tensor ``[2]`` holding the actual ``(n_quant, n_fp)``. When given, the kernel reads the
+    lengths from it and ``n_quant`` / ``n_fp`` are only upper bounds that size the launch, so one launch (one
+    captured CUDA graph) serves every step while the cache grows (see :mod:`kvcompile.runtime.graph`).
     """
     return _decode(q, k_store, v_store, k_fmt, v_fmt, n_quant, fp_k, fp_v, n_fp, n_sinks, scaling, k_scale, v_scale,
-                   seq_start, softcap, num_splits, None)
+                   seq_start, softcap, num_splits, None, lens)
 
 
 def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k_fmt: KVFormat, v_fmt: KVFormat,
             n_quant: int, fp_k: Tensor, fp_v: Tensor, n_fp: int, n_sinks: int, scaling: float,
             k_scale: Tensor | None, v_scale: Tensor | None, seq_start: Tensor | None, softcap: float | None,
-            num_splits: int | None, config: DecodeConfig | None) -> Tensor:
+            num_splits: int | None, config: DecodeConfig | None, lens: Tensor | None = None) -> Tensor:
     """:func:`decode_attention` with an explicit launch configuration (used by the benchmark's tuner)."""
     B, Hq, Hkv, d = _check(q, k_store, v_store, k_fmt, v_fmt, n_quant, fp_k, fp_v, n_fp, k_scale, v_scale)
     backend = backend_for(q)
+    if lens is not None and backend == "torch":
+        # no graphs to replay off the GPU: take the real lengths (a host read) and run the ordinary path
+        n_quant, n_fp = (int(x) for x in lens.tolist())
+        lens = None
     if backend != "torch" and not (_word_readable(k_fmt, k_store) and _word_readable(v_fmt, v_store)):
         # head_dim * bits / 8 not a multiple of 4 (head_dim not a multiple of 16 at 2 bits): no fused kernel
         warnings.warn(f"decode_attention: head_dim {d} packs into rows that are not whole 32-bit words; "
@@ -626,7 +671,7 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         num_splits = 0
     has_fp = n_fp > 0
     n_slots = num_splits + int(has_fp)
-    direct = n_slots == 1
+    direct = n_slots == 1 and lens is None  # device lengths: a program cannot know it is alone, always merge
 
     k_data, ka, kb, kms, kc = _source(k_fmt, k_store, q, backend)
     v_data, va, vb, vms, vc = _source(v_fmt, v_store, q, backend)
@@ -657,7 +702,7 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         k_data, *k_data.stride()[:3], ka, kb, *kms, ks,
         v_data, *v_data.stride()[:3], va, vb, *vms, vs,
         fp_k, *fp_k.stride()[:3], fp_v, *fp_v.stride()[:3],
-        pm, pl, pacc, start,
+        pm, pl, pacc, start, lens if lens is not None else start,
         Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, float(qscale), float(capscale),
         HEAD_DIM=d, G_PAD=g_pad, BLOCK_N=block_n, BLOCK_F=cfg.block_f,
         K_KIND=kc["KIND"], K_BITS=kc["BITS"], K_GROUP=kc["GROUP"], K_P=kc["P"], K_MP=kc["MP"],
@@ -666,7 +711,7 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         V_NSEP=vc["NSEP"], V_DT=vc["DT"],
         F_MP=next_pow2(d), FK_DT=fk_dt, FV_DT=fv_dt,
         HAS_QUANT=num_splits > 0, HAS_FP=has_fp, HAS_START=seq_start is not None, HAS_SOFTCAP=bool(softcap),
-        DIRECT=direct,
+        DIRECT=direct, DEV_LENS=lens is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if backend == "triton" and occ_key not in _OCCUPANCY:

@@ -6,7 +6,8 @@ tokens and writes it at a token offset.
 
 nsep and int-token (the formats on the hot path) run one fused Triton kernel, one program per (batch, head, block of
 tokens): it reads the block once, computes per token the norm (nsep) or absmax (int-token), the rounded codes, the nsep
-all-zero fallback and the stored multiplier ``r``, all in fp32, packs the codes in the planar layout of
+all-zero fallback and the stored multiplier ``r``, all in fp32 (nsep-2: the midrise grid ``{-3, -1, +1, +3}``, stored
+``(q + 3) / 2``, without fallback), packs the codes in the planar layout of
 :func:`kvcompile.formats.pack_codes` and writes codes and ``r``. It mirrors :func:`kvcompile.formats.nsep_quantize` /
 :func:`kvcompile.formats.int_token_quantize` and is tested against them. Made for bandwidth: rounding and the float to
 int step share one add (no conversion instructions), per-token scalars use fast rsqrt/division, and the rare fallback
@@ -38,13 +39,13 @@ def _quantize_sym_kernel(
     scb, sch, sct,
     srb, srh, srt,
     BITS: tl.constexpr, P: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, NSEP: tl.constexpr,
+    BLOCK_T: tl.constexpr, NSEP: tl.constexpr, MID: tl.constexpr,
 ):
     """One program quantizes BLOCK_T tokens of one (batch, head): x [T, d] -> codes [T, M] uint8, r [T] fp16.
 
     The block is held as [BLOCK_T, D_PAD] with slot i * M_PAD + j holding channel i * M + j: the channel that packed
     byte j carries in bits [i * BITS, (i + 1) * BITS) (planar layout), so packing is a reshape to [BLOCK_T, P, M_PAD],
-    one shift and a sum over the P axis.
+    one shift and a sum over the P axis. MID (nsep-2): the midrise grid of odd q in [-3, 3], stored (q + 3) / 2.
     """
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -75,9 +76,17 @@ def _quantize_sym_kernel(
     # Round half to even (torch.round) with the 1.5 * 2^23 trick, after clamping to the code range (rounding a clamped
     # value equals clamping a rounded one here). The integer also comes out of the same add: for |v| < 2^22 the low
     # mantissa bits of v + 1.5 * 2^23 are round(v) + 2^22, so no float-to-int conversion (quarter rate) is needed.
-    big = tl.minimum(tl.maximum(ratio, -QMAX * 1.0), QMAX * 1.0) + _ROUND_MAGIC
-    q = big - _ROUND_MAGIC
-    code = big.to(tl.int32, bitcast=True) - (_MAGIC_BITS - (QMAX + 1))  # offset-binary code q + 2^(b-1)
+    if MID:
+        # midrise (nsep-2): the stored code c = round((clamp(u / s, -3, 3) + 3) / 2) in [0, 3] is the nearest odd
+        # q = 2c - 3, exactly as formats.nsep_quantize computes it
+        w = tl.minimum(tl.maximum(ratio, -3.0), 3.0) * 0.5 + 1.5
+        big = w + _ROUND_MAGIC
+        q = tl.where(cmask[None, :], (big - _ROUND_MAGIC) * 2.0 - 3.0, 0.0)  # padding slots (j >= M) hold no channel
+        code = big.to(tl.int32, bitcast=True) - _MAGIC_BITS
+    else:
+        big = tl.minimum(tl.maximum(ratio, -QMAX * 1.0), QMAX * 1.0) + _ROUND_MAGIC
+        q = big - _ROUND_MAGIC
+        code = big.to(tl.int32, bitcast=True) - (_MAGIC_BITS - (QMAX + 1))  # offset-binary code q + 2^(b-1)
 
     if NSEP:
         sq = q * s[None, :]
@@ -85,15 +94,18 @@ def _quantize_sym_kernel(
         # All-zero codes (||s * q|| = 0): the channel with the largest |u_c / s_c| (the first on ties, like
         # torch.argmax) gets sign(u_c), so the token keeps its norm and dominant direction instead of becoming a zero
         # vector. Rare (every |u_c / s_c| <= 1/2), so a block pays for the search only when it holds such a token.
-        dead = sq_norm2 == 0.0
-        if tl.max(dead.to(tl.int32), axis=0) > 0:
-            # re-read the block rather than keep x and u / s alive (in registers) through the common path
-            xr = tl.load(x_ptr + b * sxb + h * sxh + t[:, None] * sxt + chan[None, :] * sxc, mask=mask, other=0.0)
-            a = tl.where(mask, tl.abs(xr.to(tl.float32)) * (1.0 / s)[None, :], -1.0)  # |u / s| up to the token's 1/n
-            top = tl.min(tl.where(a == tl.max(a, axis=1)[:, None], chan[None, :], P * M), axis=1)
-            pick = (chan[None, :] == top[:, None]) & dead[:, None]
-            code = tl.where(pick, tl.where(xr < 0.0, QMAX, QMAX + 2), code)
-            sq_norm2 = tl.where(dead, tl.sum(tl.where(pick, s * s, 0.0), axis=1), sq_norm2)
+        # (midrise codes are never zero: no fallback)
+        if not MID:
+            dead = sq_norm2 == 0.0
+            if tl.max(dead.to(tl.int32), axis=0) > 0:
+                # re-read the block rather than keep x and u / s alive (in registers) through the common path
+                xr = tl.load(x_ptr + b * sxb + h * sxh + t[:, None] * sxt + chan[None, :] * sxc, mask=mask,
+                             other=0.0)
+                a = tl.where(mask, tl.abs(xr.to(tl.float32)) * (1.0 / s)[None, :], -1.0)  # |u / s| up to 1/n
+                top = tl.min(tl.where(a == tl.max(a, axis=1)[:, None], chan[None, :], P * M), axis=1)
+                pick = (chan[None, :] == top[:, None]) & dead[:, None]
+                code = tl.where(pick, tl.where(xr < 0.0, QMAX, QMAX + 2), code)
+                sq_norm2 = tl.where(dead, tl.sum(tl.where(pick, s * s, 0.0), axis=1), sq_norm2)
         r = tl.sqrt(n2) * tl.rsqrt(tl.maximum(sq_norm2, _EPS * _EPS))
 
     # packed planar: byte j = sum_i code(i * M + j) << (i * BITS)
@@ -188,5 +200,5 @@ def quantize_into(x: Tensor, fmt: KVFormat, role: str, store: dict[str, Tensor],
         x, s, codes, r, T, pos, H,
         *x.stride(), *codes.stride()[:3], *r.stride(),
         BITS=fmt.bits, P=per, M=m, M_PAD=m_pad, D_PAD=per * m_pad, BLOCK_T=block_t, NSEP=fmt.kind == "nsep",
-        num_warps=4,
+        MID=fmt.kind == "nsep" and formats.nsep_midrise(fmt.bits), num_warps=4,
     )

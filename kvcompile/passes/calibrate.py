@@ -2,7 +2,8 @@
 
 ``calibrate`` stores, per layer and role, the statistic ``P`` (``[H, d]``; max or 99.9th percentile of the unit
 direction's ``|u_c|``, of the centred vectors when the role is centred) and the centring mean. The scale of each head
-depends on the bits the plan gives it (``s = alpha * P / qmax``), so :func:`finalize_scales` runs once the plan exists.
+depends on the bits the plan gives it (``s = alpha * P / L``, ``L = nsep_levels(bits)``: ``2^(b-1) - 1``, or 3 for the
+midrise 2-bit grid), so :func:`finalize_scales` runs once the plan exists.
 """
 
 from __future__ import annotations

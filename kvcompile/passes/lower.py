@@ -29,9 +29,12 @@ class Lowered:
     config: Any
     mode: str = "fused"
 
-    def new_cache(self) -> QuantizedKVCache:
-        """An empty quantized cache for one ``forward``/``generate`` session."""
-        return QuantizedKVCache(self.plan, self.params, self.config, self.mode)
+    def new_cache(self, graphs: bool = False) -> QuantizedKVCache:
+        """An empty quantized cache for one ``forward``/``generate`` session.
+
+        ``graphs=True``: a cache that :class:`kvcompile.runtime.graph.DecodeGraph` can capture decode steps over.
+        """
+        return QuantizedKVCache(self.plan, self.params, self.config, self.mode, graphs=graphs)
 
 
 def check_supported(model: torch.nn.Module) -> ModelShape:

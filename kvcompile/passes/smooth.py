@@ -1,7 +1,7 @@
 """Optional passes (issue 6): learned clip ratios of the nsep scales, and K/V smoothing folded into the weights.
 
 ``clip``
-    Per layer, role and KV head, the clip ratio ``alpha`` of the static nsep scales (``s = alpha * P / qmax``, see
+    Per layer, role and KV head, the clip ratio ``alpha`` of the static nsep scales (``s = alpha * P / L``, see
     :func:`kvcompile.formats.nsep_scale`) chosen by grid search on calibration windows to minimise the attention-output
     error of that head, under the runtime's past-only protocol (the profiler's sensitivity protocol: for query ``t``
     the keys/values in ``[sinks, t - window)`` are quantized, the sinks and the recent ``window`` stay exact). It runs
@@ -58,7 +58,9 @@ from kvcompile.plan import Plan
 
 ROLES: tuple[str, ...] = ("k", "v")
 #: default clip-ratio grid: 0.25, 0.30, ..., 1.20 (1.0 included; the calibrate pass's alpha is always added). 2-bit
-#: heads want strong clipping (on SmolLM2 most 2-bit V heads sat at the old lower end, 0.5); 4-bit ones 0.7 to 1.
+#: heads want strong clipping (on SmolLM2 most 2-bit V heads sat at the old lower end, 0.5, measured with the former
+#: 3-level 2-bit grid; for the midrise grid the MSE-optimal top level of a Gaussian is ~0.45 of its 99.9th
+#: percentile); 4-bit ones 0.7 to 1.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.25 + 0.05 * i, 2) for i in range(20))
 #: seed of the clip pass's calibration windows; the profile uses seed 0, so alpha is fit on (mostly) other windows
 #: than the ones the statistic P came from

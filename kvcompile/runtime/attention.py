@@ -27,7 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from kvcompile.formats import dequantize, slice_store
 from kvcompile.kernels.decode import decode_attention
-from kvcompile.runtime.cache import HeadGroup, QuantizedLayer
+from kvcompile.runtime.cache import HeadGroup, QuantizedLayer, profile_range
 
 ATTN_NAME = "kvcompile"
 
@@ -89,31 +89,43 @@ def attend(layer: QuantizedLayer, query: Tensor, mask: Tensor | None, scaling: f
     outs: list[Tensor] = []
     fused = t == 1 and layer.mode == "fused"
     seq_start = layer.step.seq_start_from_mask(mask) if fused else None
+    if layer.step.static:
+        # graph capture: size the launch by the storage, the kernel reads the real lengths from layer.lens
+        n_quant, n_fp = layer.quant_capacity, layer.fp_capacity()
+    else:
+        n_quant, n_fp = layer.n_quant, layer.n_fp
     for g in layer.groups:
         if len(layer.groups) == 1:
             qg = query
         else:
-            qidx = torch.tensor([h * rep + j for h in g.heads for j in range(rep)], device=query.device)
-            qg = query.index_select(1, qidx)
+            qg = query.index_select(1, _query_index(g, rep, query.device))
         if fused:
-            o = decode_attention(qg[:, :, 0], g.k_store, g.v_store, g.kfmt, g.vfmt, layer.n_quant, g.fp_k, g.fp_v,
-                                 layer.n_fp, layer.sinks, scaling, k_scale=g.k_scale, v_scale=g.v_scale,
-                                 seq_start=seq_start, softcap=softcap).unsqueeze(2)
+            o = decode_attention(qg[:, :, 0], g.k_store, g.v_store, g.kfmt, g.vfmt, n_quant, g.fp_k, g.fp_v,
+                                 n_fp, layer.sinks, scaling, k_scale=g.k_scale, v_scale=g.v_scale,
+                                 seq_start=seq_start, softcap=softcap, lens=layer.lens).unsqueeze(2)
         else:
             k, v = _group_past(layer, g, query.dtype)
             o = _eager(qg, k, v, mask, scaling, softcap, causal_offset=k.shape[2] - t)
         outs.append(o)
     out = outs[0] if len(outs) == 1 else _scatter_heads(layer, outs, rep, query)
     if layer.v_mean is not None:  # values were stored centred; probabilities sum to one, so add the mean back
-        out = out + layer.v_mean.repeat_interleave(rep, dim=1).to(out.dtype)
+        if layer.v_mean_q is None or layer.v_mean_q.dtype != out.dtype:
+            layer.v_mean_q = layer.v_mean.repeat_interleave(rep, dim=1).to(out.dtype)
+        out = out + layer.v_mean_q
     return out
+
+
+def _query_index(g: HeadGroup, rep: int, device: torch.device) -> Tensor:
+    """The query heads served by the KV heads of a group (made once: no host-to-device copy per step)."""
+    if g.qidx is None or g.qidx.device != device:
+        g.qidx = torch.tensor([h * rep + j for h in g.heads for j in range(rep)], device=device)
+    return g.qidx
 
 
 def _scatter_heads(layer: QuantizedLayer, outs: list[Tensor], rep: int, query: Tensor) -> Tensor:
     out = torch.empty_like(query)
     for g, o in zip(layer.groups, outs, strict=True):
-        qidx = torch.tensor([h * rep + j for h in g.heads for j in range(rep)], device=query.device)
-        out.index_copy_(1, qidx, o.to(out.dtype))
+        out.index_copy_(1, _query_index(g, rep, query.device), o.to(out.dtype))
     return out
 
 
@@ -132,8 +144,10 @@ def kvcompile_attention(module: torch.nn.Module, query: Tensor, key: Tensor, val
         out = _eager(query, key, value, attention_mask, scaling, softcap,
                      causal_offset=key.shape[2] - query.shape[2])
         return out.transpose(1, 2).contiguous(), None
-    out = attend(layer, query, attention_mask, scaling, softcap)
-    layer.flush()  # the new tokens have been attended in full precision; now quantize what left the window
+    with profile_range("kvcompile.attend"):
+        out = attend(layer, query, attention_mask, scaling, softcap)
+    if not layer.step.static:  # (graph mode: the host flushes between replays, see runtime/graph.py)
+        layer.flush()  # the new tokens have been attended in full precision; now quantize what left the window
     return out.transpose(1, 2).contiguous(), None
 
 

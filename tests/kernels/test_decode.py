@@ -132,6 +132,10 @@ CASES = [
     Case(NSEP4, NSEP4, d=64, G=4, n_quant=100, n_fp=0, sinks=0, splits=1),  # quantized only (one direct program)
     Case(NSEP2, NSEP2, d=64, G=4, n_quant=100, n_fp=0, sinks=0, splits=3),  # quantized only, merged
     Case(NSEP4, NSEP4, d=128, G=4, n_quant=200, n_fp=9, sinks=4, dtype=torch.bfloat16, splits=2),
+    # nsep-2 is midrise (q = 2 code - 3): single direct program, and each role next to a symmetric 2-bit format
+    Case(NSEP2, NSEP2, d=128, G=4, n_quant=100, n_fp=0, sinks=0, dtype=torch.bfloat16, splits=1),
+    Case(NSEP2, INT2, d=64, G=6, Hkv=1, n_quant=150, n_fp=4, sinks=1, dtype=torch.float16, softcap=30.0, splits=2),
+    Case(INT2, NSEP2, d=128, G=2, n_quant=90, n_fp=3, sinks=1, seq_start=(0, 11), splits=1),
     Case(NSEP4, INT4, d=64, G=4, n_quant=160, n_fp=6, sinks=2, dtype=torch.float16, seq_start=(170, 3), splits=2,
          softcap=50.0),  # batch 0 masked through all quantized tokens and some of the tail
 ]
@@ -169,6 +173,25 @@ def test_split_count_does_not_change_the_result() -> None:
     outs = [decode_attention(*args, **kw, num_splits=s) for s in (1, 3)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("c", [
+    Case(NSEP4, NSEP4, d=64, G=4, n_quant=200, n_fp=9, sinks=4, seq_start=(0, 37)),
+    Case(NSEP2, FP16, d=64, G=3, B=1, n_quant=0, n_fp=6, sinks=2, dtype=torch.float16),  # nothing quantized yet
+    Case(KIVI4, INT4, d=64, G=2, n_quant=96, n_fp=3, sinks=1),
+], ids=str)
+def test_device_lengths(c: Case, poisoned_empty: None) -> None:
+    """Lengths read from a device tensor (CUDA-graph replay): a launch sized for the full capacity gives the result
+    of the exact lengths, empty splits included."""
+    args, kw = build(c)
+    q, k_store, v_store, kf, vf, n_quant, fp_k, fp_v, n_fp, sinks, scaling = args
+    want = decode_attention(*args, **kw)
+    cap_q = k_store["codes" if kf.kind != "fp16" else "data"].shape[2]
+    lens = torch.tensor([n_quant, n_fp], dtype=torch.int32)
+    got = decode_attention(q, k_store, v_store, kf, vf, cap_q, fp_k, fp_v, fp_k.shape[2], sinks, scaling, **kw,
+                           lens=lens)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=TOL[c.dtype], atol=TOL[c.dtype] * 0.1)
 
 
 def test_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:

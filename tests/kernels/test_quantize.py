@@ -98,7 +98,7 @@ def test_symmetric_formats_match_formats_py(kind: str, bits: int, d: int, dtype:
     check_against_formats(x, fmt, "k", pos, scale, store)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [4, 8])
 def test_nsep_all_zero_fallback(bits: int) -> None:
     """Tokens whose codes would all round to zero keep their dominant channel at +-1 (and their norm)."""
     B, H, T, d = 1, 2, 24, 64
@@ -116,6 +116,32 @@ def test_nsep_all_zero_fallback(bits: int) -> None:
     check_against_formats(x, KVFormat("nsep", bits), "k", 0, scale, store)
     got = formats.signed_codes({"codes": store["codes"][:, :, :T]}, KVFormat("nsep", bits))
     assert ((got != 0).sum(-1) >= 1).all(), "no token may be stored as a zero vector"
+
+
+@pytest.mark.parametrize(("d", "dtype", "alpha"), [(64, torch.float32, 1.0), (128, torch.float16, 0.5),
+                                                   (96, torch.bfloat16, 0.7)])
+def test_nsep2_midrise(d: int, dtype: torch.dtype, alpha: float) -> None:
+    """nsep-2: codes 0..3 = odd q in {-3, -1, +1, +3}, as formats.py computes them, including tokens formats.py's
+    symmetric grid would have zeroed (huge scales), an all-zero token (u = 0 -> q = +1, r = 0) and padded slots
+    (d = 96: m = 24 bytes in 32 slots)."""
+    B, H, T = 2, 2, 41
+    x = kv_like(B, H, T, d, seed=d, dtype=dtype)
+    fmt = KVFormat("nsep", 2)
+    scale = calibrated_scale(x, 2, alpha)
+    scale[1, : d // 2] *= 50.0  # head 1: half its channels far below the first level
+    x[:, :, 7] = 0.0
+    store = empty_store(fmt, "v", B, H, d, dtype)
+    quantize_into(x, fmt, "v", store, 3, scale=scale)
+    check_against_formats(x, fmt, "v", 3, scale, store)
+    got = formats.unpack_codes(store["codes"][:, :, 3:3 + T], 2)
+    assert set(got.unique().tolist()) == {0, 1, 2, 3}
+    assert (got[:, :, 7] == 2).all() and (store["r"][:, :, 3 + 7] == 0).all()
+    q = formats.signed_codes({"codes": store["codes"][:, :, 3:3 + T]}, fmt)
+    hat = formats.nsep_dequantize(q, store["r"][:, :, 3:3 + T], scale)
+    keep = torch.ones(T, dtype=torch.bool)
+    keep[7] = False
+    norm = x.float().norm(dim=-1)[:, :, keep]
+    assert torch.allclose(hat.norm(dim=-1)[:, :, keep], norm, rtol=2e-3)  # r restores the norm
 
 
 def test_strided_input() -> None:

@@ -12,7 +12,7 @@ import kvcompile
 from kvcompile.api import build
 from kvcompile.artifact import read_artifact
 from kvcompile.errors import KVCompileError
-from kvcompile.formats import KVFormat
+from kvcompile.formats import KVFormat, nsep_levels
 from kvcompile.kvparams import KVParams
 from kvcompile.passes.calibrate import calibrate, finalize_scales
 from kvcompile.passes.profile import profile_model
@@ -203,8 +203,8 @@ def test_passes_run_in_a_recipe_and_the_artifact_carries_the_weights(tmp_path: P
     # the scales the runtime uses are the clipped ones
     for i in range(2):
         a, p, s = (art.params.get(i, "k", n) for n in ("alpha", "p", "scale"))
-        bits = torch.tensor([hp.k.bits if hp.k.kind == "nsep" else 4 for hp in art.plan.layers[i].heads])
-        assert torch.allclose(s, a[:, None] * p.clamp_min(1e-6) / (2 ** (bits[:, None] - 1) - 1))
+        levels = torch.tensor([nsep_levels(hp.k.bits if hp.k.kind == "nsep" else 4) for hp in art.plan.layers[i].heads])
+        assert torch.allclose(s, a[:, None] * p.clamp_min(1e-6) / levels[:, None])
 
     original = tiny_model(LlamaConfig(**GEOM))  # save_tiny's weights (same seed)
     m = kvcompile.load(out)
