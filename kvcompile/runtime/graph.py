@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvcompile.runtime.cache import QuantizedKVCache
+from kvcompile.runtime.cache import QuantizedKVCache, QuantizedLayer
 
 __all__ = ["DecodeGraph"]
 
@@ -48,8 +48,9 @@ class DecodeGraph:
         self._version = -1
         self.captures = 0
         if self.kvc is not None:
-            if any(not hasattr(la, "lens") for la in self.kvc.layers):
-                raise ValueError("make the cache with graphs=True (model.kvcompile.new_cache(graphs=True))")
+            if any(not isinstance(la, QuantizedLayer) for la in self.kvc.layers):
+                raise ValueError("graph decoding needs every layer in kvcompile's own cache: make it with "
+                                 "model.kvcompile.new_cache(graphs=True) (sliding-window layers are not supported)")
             self.kvc.reserve(max_length)
 
     def _body(self) -> Tensor:
