@@ -66,6 +66,27 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_manifest(path: Path, fmt: str, max_version: int, what: str, error: type[KVCompileError],
+                  hint: str) -> dict[str, Any]:
+    """Parse the JSON manifest of a kvcompile folder (an artifact, an ONNX export) and check its format tag and version.
+
+    Every failure is one line of ``error``: ``hint`` (how to rebuild) is appended, except for a manifest written by a
+    newer kvcompile, which asks for an upgrade instead.
+    """
+    if not path.is_file():
+        raise error(f"{path.parent} is not a {what} (no {path.name}); {hint}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is corrupted ({e.msg} at line {e.lineno}); {hint}") from e
+    if not isinstance(data, dict) or data.get("format") != fmt or not isinstance(data.get("version"), int):
+        raise error(f"{path} is not a {what} manifest; {hint}")
+    if data["version"] > max_version:
+        raise error(f"{path.parent}: format version {data['version']} is newer than this kvcompile supports "
+                    f"({max_version}); upgrade kvcompile")
+    return data
+
+
 def _files(root: Path) -> Iterator[Path]:
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
@@ -123,19 +144,8 @@ def write_artifact(out: str | Path, plan: Plan, params: KVParams, model_identity
 def read_artifact(path: str | Path, verify: bool = True) -> Artifact:
     """Read an artifact folder, checking its version and (``verify``) every file's checksum."""
     root = Path(path)
-    mf = root / MANIFEST
-    if not mf.is_file():
-        raise ArtifactError(f"{root} is not a kvcompile artifact (no {MANIFEST}); build one with `kvcompile build`")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{mf} is corrupted ({e.msg} at line {e.lineno}); rebuild the artifact") from e
-    version = manifest.get("version")
-    if manifest.get("format") != "kvcompile-artifact" or not isinstance(version, int):
-        raise ArtifactError(f"{mf} is not a kvcompile artifact manifest")
-    if version > ARTIFACT_VERSION:
-        raise ArtifactError(f"artifact format version {version} is newer than this kvcompile supports "
-                            f"({ARTIFACT_VERSION}); upgrade kvcompile")
+    manifest = read_manifest(root / MANIFEST, "kvcompile-artifact", ARTIFACT_VERSION, "kvcompile artifact",
+                             ArtifactError, "build it with `kvcompile build`")
     files: dict[str, str] = manifest.get("files", {})
     if verify:
         for rel, digest in files.items():

@@ -8,7 +8,6 @@ the previous step's ``present.*`` outputs back as ``past.*`` without copying the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,11 @@ class OnnxExportFolderError(KVCompileError):
     """An ONNX export folder that is missing files, corrupted, or whose parts do not belong together."""
 
 
+_REEXPORT = "re-export it with `kvcompile export-onnx ARTIFACT -o DIR`"
+
+
 def _fail(msg: str) -> OnnxExportFolderError:
-    return OnnxExportFolderError(f"{msg}; re-export it with `kvcompile export-onnx ARTIFACT -o DIR`")
+    return OnnxExportFolderError(f"{msg}; {_REEXPORT}")
 
 
 def read_config(folder: str | Path, verify: bool = True) -> dict[str, Any]:
@@ -44,21 +46,12 @@ def read_config(folder: str | Path, verify: bool = True) -> dict[str, Any]:
     graph's recorded layout against the config's plan, and the graph's inputs/outputs against the config."""
     import onnx
 
-    from kvcompile.artifact import sha256_file
+    from kvcompile.artifact import read_manifest, sha256_file
 
     root = Path(folder)
     path = root / CONFIG_FILE
-    if not path.is_file():
-        raise _fail(f"{root} is not a kvcompile ONNX export (no {CONFIG_FILE})")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise _fail(f"{path} is corrupted ({e.msg} at line {e.lineno})") from e
-    if not isinstance(cfg, dict) or cfg.get("format") != ONNX_FORMAT or not isinstance(cfg.get("version"), int):
-        raise _fail(f"{path} is not a kvcompile ONNX config")
-    if cfg["version"] > ONNX_FORMAT_VERSION:
-        raise OnnxExportFolderError(f"{root} was exported by a newer kvcompile (format {cfg['version']}, this one "
-                                    f"reads {ONNX_FORMAT_VERSION}); upgrade kvcompile")
+    cfg = read_manifest(path, ONNX_FORMAT, ONNX_FORMAT_VERSION, "kvcompile ONNX export", OnnxExportFolderError,
+                        _REEXPORT)
     files: dict[str, str] = cfg.get("files") or {}
     if MODEL_FILE not in files:
         raise _fail(f"{path} lists no {MODEL_FILE}")

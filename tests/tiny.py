@@ -8,6 +8,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from kvcompile.kvparams import KVParams
+from kvcompile.plan import ModelShape
+
 WORDS = ("the a of and to in is was it that he she said her his with for as on at by be had not but what all "
          "were when we there can an your which their if do will each about how up out them then many some so "
          "these would other into has more two like him see time could no make than first been its who now "
@@ -55,3 +58,21 @@ def calib_text(n_words: int = 6000, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(WORDS), (n_words,), generator=g)
     return " ".join(WORDS[i] for i in idx.tolist())
+
+
+def kv_params(shape: ModelShape, p: float | tuple[float, float], mean: float | None = None, seed: int = 0) -> KVParams:
+    """Static K/V parameters for a plan on ``shape`` (a ``ModelShape``): direction statistics ``P`` either a constant
+    or ``lo + span * U[0, 1)`` for ``p = (lo, span)``, and, with ``mean``, centring means ``mean * N(0, 1)``; drawn
+    per layer and role (K then V) from one generator seeded ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    out = KVParams()
+    dims = (shape.num_kv_heads, shape.head_dim)
+    for i in range(shape.num_layers):
+        for role in ("k", "v"):
+            if isinstance(p, tuple):
+                out.set(i, role, "p", p[0] + p[1] * torch.rand(*dims, generator=g))
+            else:
+                out.set(i, role, "p", torch.full(dims, float(p)))
+            if mean is not None:
+                out.set(i, role, "mean", mean * torch.randn(*dims, generator=g))
+    return out

@@ -14,7 +14,7 @@ from kvcompile.passes.calibrate import finalize_scales
 from kvcompile.passes.lower import lower
 from kvcompile.plan import HeadPlan, LayerPlan, ModelShape, Plan
 from kvcompile.runtime.cache import QuantizedKVCache
-from tests.tiny import calib_text, tiny_llama_config, tiny_model, tiny_tokenizer
+from tests.tiny import calib_text, kv_params, tiny_llama_config, tiny_model, tiny_tokenizer
 
 CFG = tiny_llama_config()
 SHAPE = ModelShape.from_config(CFG)
@@ -32,14 +32,7 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _params(center: bool = False) -> KVParams:
-    g = torch.Generator().manual_seed(0)
-    params = KVParams()
-    for i in range(SHAPE.num_layers):
-        for role in ("k", "v"):
-            params.set(i, role, "p", 0.4 + 0.3 * torch.rand(SHAPE.num_kv_heads, SHAPE.head_dim, generator=g))
-            if center:
-                params.set(i, role, "mean", 0.5 * torch.randn(SHAPE.num_kv_heads, SHAPE.head_dim, generator=g))
-    return params
+    return kv_params(SHAPE, (0.4, 0.3), 0.5 if center else None)
 
 
 def _uniform(fmt: str, window: int, center: bool = False) -> tuple[Plan, KVParams]:

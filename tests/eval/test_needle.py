@@ -12,7 +12,7 @@ from kvcompile.kvparams import KVParams
 from kvcompile.passes.calibrate import finalize_scales
 from kvcompile.passes.lower import lower
 from kvcompile.plan import ModelShape, Plan
-from tests.tiny import WORDS, tiny_llama_config, tiny_model, tiny_tokenizer
+from tests.tiny import WORDS, kv_params, tiny_llama_config, tiny_model, tiny_tokenizer
 
 CFG = tiny_llama_config()
 SHAPE = ModelShape.from_config(CFG)
@@ -32,10 +32,7 @@ def _text(n_sentences: int = 400, seed: int = 0) -> str:
 
 def _plan(fmt: str, window: int) -> tuple[Plan, KVParams]:
     plan = Plan.uniform(SHAPE, KVFormat.parse(fmt), KVFormat.parse(fmt), window=window, sinks=0, block=16)
-    params = KVParams()
-    for i in range(SHAPE.num_layers):
-        for role in ("k", "v"):
-            params.set(i, role, "p", torch.full((SHAPE.num_kv_heads, SHAPE.head_dim), 0.5))
+    params = kv_params(SHAPE, 0.5)
     finalize_scales(plan, params)
     return plan, params
 

@@ -19,7 +19,7 @@ from kvcompile.kvparams import KVParams
 from kvcompile.passes.calibrate import finalize_scales
 from kvcompile.passes.lower import lower
 from kvcompile.plan import HeadPlan, LayerPlan, ModelShape, Plan
-from tests.tiny import calib_text, save_tiny, tiny_llama_config, tiny_model, tiny_tokenizer
+from tests.tiny import calib_text, kv_params, save_tiny, tiny_llama_config, tiny_model, tiny_tokenizer
 
 CFG = tiny_llama_config()
 SHAPE = ModelShape.from_config(CFG)
@@ -41,13 +41,7 @@ def make_plan(k: str, v: str, *, window: int = 8, sinks: int = 0, block: int = 1
               center: bool = False) -> tuple[Plan, KVParams]:
     plan = Plan.uniform(SHAPE, KVFormat.parse(k), KVFormat.parse(v), window=window, sinks=sinks, block=block,
                         k_center=center, v_center=center)
-    params = KVParams()
-    g = torch.Generator().manual_seed(0)
-    for i in range(SHAPE.num_layers):
-        for role in ("k", "v"):
-            params.set(i, role, "p", torch.full((SHAPE.num_kv_heads, SHAPE.head_dim), p))
-            if center:
-                params.set(i, role, "mean", 0.1 * torch.randn(SHAPE.num_kv_heads, SHAPE.head_dim, generator=g))
+    params = kv_params(SHAPE, p, 0.1 if center else None)
     finalize_scales(plan, params)
     return plan, params
 

@@ -13,7 +13,7 @@ from transformers import StaticCache
 from kvcompile.passes.lower import lower
 from kvcompile.runtime.cache import QuantizedLayer
 from tests.runtime.test_runtime import CFG, _mixed_plan, _plan
-from tests.tiny import tiny_llama_config, tiny_model
+from tests.tiny import kv_params, tiny_llama_config, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,6 @@ def test_graph_mode_steps_equal_eager(model: torch.nn.Module, which: str) -> Non
 def test_decode_graph_matches_eager_on_gpu(which: str) -> None:
     """DecodeGraph (captured once, replayed across flushes) picks the same greedy tokens as eager decoding."""
     from kvcompile.formats import KVFormat
-    from kvcompile.kvparams import KVParams
     from kvcompile.passes.calibrate import finalize_scales
     from kvcompile.plan import HeadPlan, LayerPlan, ModelShape, Plan
     from kvcompile.runtime.graph import DecodeGraph
@@ -90,12 +89,7 @@ def test_decode_graph_matches_eager_on_gpu(which: str) -> None:
         layers = [LayerPlan([HeadPlan(f("nsep-4"), f("nsep-2")), HeadPlan(f("fp16"), f("nsep-8"))]),
                   LayerPlan([HeadPlan(f("fp16"), f("fp16")), HeadPlan(f("fp16"), f("fp16"))])]
         plan = Plan(shape, layers, window=8, sinks=2, block=16, k_center=True)
-        params = KVParams()
-        for i in range(shape.num_layers):
-            for role in ("k", "v"):
-                params.set(i, role, "p", torch.full((shape.num_kv_heads, shape.head_dim), 0.4))
-                params.set(i, role, "mean", 0.1 * torch.randn(shape.num_kv_heads, shape.head_dim,
-                                                             generator=torch.Generator().manual_seed(i)))
+        params = kv_params(shape, 0.4, 0.1)
         finalize_scales(plan, params)
         lower(m, plan, params.to("cuda"))
         return m.kvcompile.new_cache(graphs=graphs)

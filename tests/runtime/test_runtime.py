@@ -11,21 +11,14 @@ from kvcompile.kvparams import KVParams
 from kvcompile.passes.lower import lower
 from kvcompile.plan import HeadPlan, LayerPlan, ModelShape, Plan
 from kvcompile.runtime.cache import QuantizedKVCache, QuantizedLayer
-from tests.tiny import tiny_llama_config, tiny_model
+from tests.tiny import kv_params, tiny_llama_config, tiny_model
 
 CFG = tiny_llama_config()
 SHAPE = ModelShape.from_config(CFG)
 
 
 def _params(seed: int = 0, center: bool = True) -> KVParams:
-    g = torch.Generator().manual_seed(seed)
-    p = KVParams()
-    for i in range(SHAPE.num_layers):
-        for role in ("k", "v"):
-            p.set(i, role, "p", 0.3 + 0.5 * torch.rand(SHAPE.num_kv_heads, SHAPE.head_dim, generator=g))
-            if center:
-                p.set(i, role, "mean", 0.2 * torch.randn(SHAPE.num_kv_heads, SHAPE.head_dim, generator=g))
-    return p
+    return kv_params(SHAPE, (0.3, 0.5), 0.2 if center else None, seed)
 
 
 def _plan(k: str, v: str, window: int = 8, sinks: int = 2, block: int = 16,
@@ -241,11 +234,7 @@ def test_gpu_fused_runtime_matches_reference(k: str, v: str) -> None:
     from kvcompile.passes.calibrate import finalize_scales
 
     plan = Plan.uniform(shape, KVFormat.parse(k), KVFormat.parse(v), window=8, sinks=2, block=16, k_center=True)
-    params = KVParams()
-    for i in range(shape.num_layers):
-        for role in ("k", "v"):
-            params.set(i, role, "p", torch.full((shape.num_kv_heads, shape.head_dim), 0.4))
-            params.set(i, role, "mean", 0.1 * torch.randn(shape.num_kv_heads, shape.head_dim))
+    params = kv_params(shape, 0.4, 0.1)
     finalize_scales(plan, params)
     lower(gpu_model, plan, params.to("cuda"))
     ids = torch.randint(4, 160, (4, 200), generator=torch.Generator().manual_seed(10)).cuda()
