@@ -344,8 +344,27 @@ def run_quantize(fmts: list[str], hbm: float, rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- tune
-def run_tune(shape: Shape, B: int, ctx: int, fmts: list[str], hbm: float) -> list[dict]:
-    """Sweep DecodeConfig (and the split count around the heuristic's) on one shape; print the best per format."""
+DEFAULT_GRID = "block_n=64,128,256;num_warps=4,8;num_stages=2,3,4;min_g_pad=8,16"
+
+
+def parse_grid(spec: str) -> list[dict[str, int]]:
+    """``"block_n=64,128;num_warps=1,4"`` -> every combination, as DecodeConfig keyword dicts; ``|`` joins grids."""
+    import itertools
+
+    out = []
+    for sub in spec.split("|"):
+        axes = []
+        for part in sub.split(";"):
+            if part.strip():
+                name, vals = part.split("=")
+                axes.append([(name.strip(), int(v)) for v in vals.split(",")])
+        out += [dict(c) for c in itertools.product(*axes)]
+    return out
+
+
+def run_tune(shape: Shape, B: int, ctx: int, fmts: list[str], hbm: float, grid: str = DEFAULT_GRID) -> list[dict]:
+    """Sweep DecodeConfig over ``grid`` (and the split count around the heuristic's) on one shape; print the best
+    configuration per format."""
     from kvcompile.kernels.decode import DecodeConfig
 
     inputs = [make_inputs(shape, B, ctx, seed=i) for i in range(copies_for(2 * B * shape.hkv * ctx * shape.d * 2))]
@@ -358,24 +377,20 @@ def run_tune(shape: Shape, B: int, ctx: int, fmts: list[str], hbm: float) -> lis
             built = [(quantized_stores(inp, fmt), inp) for inp in inputs]
         nbytes = decode_bytes(shape, B, inputs[0], fmt)
         best = None
-        for block_n in (64, 128, 256):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    for gpad in (8, 16):
-                        cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages, min_g_pad=gpad)
-                        try:
-                            calls = [decode_call(inp, fmt, ksto, vsto, ks, vs, cfg)
-                                     for (ksto, vsto, ks, vs), inp in built]
-                            g, _ = bench(calls)
-                        except Exception as e:  # e.g. out of shared memory for this tile
-                            print(f"  {fmt.name} {cfg}: {type(e).__name__}", file=sys.stderr)
-                            continue
-                        r = {"format": fmt.name, "config": cfg.__dict__, "us": g, "frac_hbm": nbytes / (g * 1e-6) / hbm}
-                        results.append(r)
-                        print(f"  {fmt.name} block_n={block_n} warps={warps} stages={stages} g_pad>={gpad}: "
-                              f"{g:.1f} us, {100 * r['frac_hbm']:.0f}% of HBM", flush=True)
-                        if best is None or g < best[0]:
-                            best = (g, cfg)
+        for kw in parse_grid(grid):
+            cfg = DecodeConfig(**kw)
+            spec = ",".join(f"{k}={v}" for k, v in kw.items())
+            try:
+                calls = [decode_call(inp, fmt, ksto, vsto, ks, vs, cfg) for (ksto, vsto, ks, vs), inp in built]
+                g, _ = bench(calls)
+            except Exception as e:  # e.g. out of shared memory for this tile
+                print(f"  {fmt.name} {spec}: {type(e).__name__}", file=sys.stderr)
+                continue
+            r = {"format": fmt.name, "config": cfg.__dict__, "us": g, "frac_hbm": nbytes / (g * 1e-6) / hbm}
+            results.append(r)
+            print(f"  {fmt.name} {spec}: {g:.1f} us, {100 * r['frac_hbm']:.0f}% of HBM", flush=True)
+            if best is None or g < best[0]:
+                best = (g, cfg, spec)
         if best is None:
             continue
         # split counts around the heuristic's (None), with the best tile: programs = k * SMs
@@ -385,9 +400,7 @@ def run_tune(shape: Shape, B: int, ctx: int, fmts: list[str], hbm: float) -> lis
             calls = [decode_call(inp, fmt, ksto, vsto, ks, vs, best[1], splits) for (ksto, vsto, ks, vs), inp in built]
             g, _ = bench(calls)
             print(f"  {fmt.name} best tile, num_splits={splits or 'heuristic'}: {g:.1f} us", flush=True)
-        print(f"BEST {fmt.name}: {best[0]:.1f} us with KVCOMPILE_DECODE_CONFIG="
-              f"\"block_n={best[1].block_n},num_warps={best[1].num_warps},num_stages={best[1].num_stages},"
-              f"min_g_pad={best[1].min_g_pad}\"", flush=True)
+        print(f"BEST {fmt.name}: {best[0]:.1f} us with KVCOMPILE_DECODE_CONFIG=\"{best[2]}\"", flush=True)
         del built
     return results
 
@@ -398,6 +411,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a small subset for a first smoke run")
     ap.add_argument("--json", metavar="FILE", help="write every number to FILE")
     ap.add_argument("--tune", action="store_true", help="sweep decode launch configurations (Llama-3-8B, B=8, 32k)")
+    ap.add_argument("--tune-grid", default=DEFAULT_GRID, metavar="SPEC",
+                    help=f"configurations --tune sweeps, e.g. 'block_n=64,128;num_warps=1,4' (default {DEFAULT_GRID})")
+    ap.add_argument("--tune-formats", default="nsep-4,nsep-2,fp16", metavar="F,..", help="formats --tune sweeps")
     ap.add_argument("--no-check", action="store_true", help="skip the GPU correctness checks")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -442,7 +458,7 @@ def main() -> int:
 
     if args.tune:
         print("\n## tuning (Llama-3-8B, batch 8, 32k)")
-        result["tune"] = run_tune(SHAPES[0], 8, 32768, ["nsep-4", "nsep-2", "fp16"], hbm)
+        result["tune"] = run_tune(SHAPES[0], 8, 32768, args.tune_formats.split(","), hbm, args.tune_grid)
         _write(args.json, result)
         return 0
 

@@ -19,14 +19,18 @@ One query token per sequence attends to ``n_quant`` quantized tokens (read packe
    * updates an online softmax (base 2) and accumulates ``sum_t (p_t r_t) code_t`` with one dot per value slice;
      the static value scale ``s`` is applied once at the end.
 
-   nsep-2 codes are midrise, ``q = 2 code - 3`` (see :mod:`kvcompile.formats`), an offset that is not an integer
-   multiple of the code step: keys use ``q . code`` with the factor 2 folded into the score multiplier and the offset
-   3/2 removed through the query's sum; values accumulate the raw codes plus ``sum_t p_t r_t`` and the output is
-   ``2 acc - 3 sum_t p_t r_t`` (partials stay plain unnormalized sums, so the merge is the same for every format).
+   Stored codes are unsigned, ``q = code - 2^(b-1)`` (nsep-2: midrise, ``q = 2 code - 3``, see
+   :mod:`kvcompile.formats`). The offset never touches the unpacked tiles: keys remove it through the query's sum
+   (``q . (code - o) = q . code - o sum(q)``; nsep-2's factor 2 goes into the score multiplier), values accumulate
+   the raw codes plus an elementwise running ``sum_t p_t r_t`` (reduced once after the loop), and the output is
+   ``acc - o sum_t p_t r_t`` (nsep-2: ``2 acc - 3 sum_t p_t r_t``). Partials stay plain unnormalized sums, so the
+   merge is the same for every format.
 
    Tokens are the MMA M dimension (``[BLOCK_N, d] @ [d, G]``): the unpacked codes are the dot's A operand and the
    query the small loop-invariant B operand, with ``G`` padded to a power of two (>= 8). Each program writes its
-   partial (max, sum, unnormalized output) in fp32.
+   partial (max, sum, unnormalized output) in fp32. Packed formats run one warp per program on 64-token tiles (see
+   :class:`DecodeConfig`): the softmax's reductions over tokens then stay inside a warp (no shared-memory round trip
+   and barrier per block), and many small programs per SM hide each other's latencies.
 2. ``_merge_kernel``, grid ``(B * Hq,)``: combines the partials of each query head by log-sum-exp and writes the
    output in the query's dtype. With a single program per KV head the split kernel writes the output itself.
 
@@ -87,8 +91,8 @@ def _slot_chan(KIND: tl.constexpr, SL: tl.constexpr, M: tl.constexpr, MP: tl.con
 
 
 @jit
-def _unpack(x, SL: tl.constexpr, BITS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, MP: tl.constexpr):
-    """Bit-slice SL of packed words x [BLOCK_N, MP/4] (uint32) -> fp16 ``(code - SUB) * 2^(SL*BITS - 24)``, exactly.
+def _unpack(x, SL: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, MP: tl.constexpr):
+    """Bit-slice SL of packed words x [BLOCK_N, MP/4] (uint32) -> fp16 ``code * 2^(SL*BITS - 24)``, exactly.
 
     In the planar layout bit-slice SL of every byte holds one contiguous channel range. Masking a word in place leaves
     in each 16-bit lane the integer ``code << (SL * BITS)``, and those bits read as fp16 *are* the number
@@ -104,10 +108,7 @@ def _unpack(x, SL: tl.constexpr, BITS: tl.constexpr, SUB: tl.constexpr, BLOCK_N:
     hi0 = (y0 >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
     lo1 = y1.to(tl.uint16).to(tl.float16, bitcast=True)
     hi1 = (y1 >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
-    v = tl.reshape(tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1)), (BLOCK_N, MP))
-    if SUB != 0:
-        v = v - (SUB << (SL * BITS)) * 5.9604644775390625e-08  # exact: subnormal arithmetic, one packed op per pair
-    return v
+    return tl.reshape(tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1)), (BLOCK_N, MP))
 
 
 @jit
@@ -126,18 +127,16 @@ def _load_tile(ptr, st, t, tmask, KIND: tl.constexpr, M: tl.constexpr, MP: tl.co
 @jit
 def _slice(tile, SL: tl.constexpr, a_ptr, b_ptr, smt, t, tmask, IS_K: tl.constexpr,
            KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
-           DT: tl.constexpr, MID: tl.constexpr):
+           DT: tl.constexpr):
     """Slice SL of a loaded K or V tile as DT values [BLOCK_N, MP] in slot order.
 
-    int-token / nsep: keys give ``code * 2^(SL*BITS - 24)`` (the caller removes the offset through the query's sum),
-    values ``(code - offset) * 2^(SL*BITS - 24)``; callers apply the powers of two and the multipliers. MID (midrise
-    nsep-2 values): the raw ``code * 2^(SL*BITS - 24)``, the caller removes the offset. kivi: the dequantized values.
-    fp16: the data.
+    int-token / nsep: keys and values give the raw ``code * 2^(SL*BITS - 24)``; callers remove the codes' offset and
+    apply the powers of two and the multipliers. kivi: the dequantized values. fp16: the data.
     """
     if KIND == 0:
         out = tile.to(DT)
     elif KIND == 1:
-        out = _unpack(tile, SL, BITS, 0 if IS_K else (0 if MID else 1 << (BITS - 1)), t.shape[0], MP).to(DT)
+        out = _unpack(tile, SL, BITS, t.shape[0], MP).to(DT)
     else:
         # kivi: keys have a scale/zero row per channel and group of GROUP tokens, values one per token and group of
         # GROUP channels
@@ -149,7 +148,7 @@ def _slice(tile, SL: tl.constexpr, a_ptr, b_ptr, smt, t, tmask, IS_K: tl.constex
             off = t[:, None] * smt + (chan // GROUP)[None, :]
         sc = tl.load(a_ptr + off, mask=msk, other=0.0).to(tl.float32) * (_TWO24 / (1 << (SL * BITS)))
         ze = tl.load(b_ptr + off, mask=msk, other=0.0).to(tl.float32)
-        out = (_unpack(tile, SL, BITS, 0, t.shape[0], MP).to(tl.float32) * sc + ze).to(DT)
+        out = (_unpack(tile, SL, BITS, t.shape[0], MP).to(tl.float32) * sc + ze).to(DT)
     return out
 
 
@@ -172,15 +171,18 @@ def _store_slice(acc, l_i, prs, SL: tl.constexpr, vs_ptr, pacc_ptr, out_ptr, soh
                  NSEP: tl.constexpr, DIRECT: tl.constexpr, MID: tl.constexpr):
     """Write slice SL of the accumulated output [MP, G_PAD] (slot order) to its channels, final or partial.
 
-    MID (midrise nsep-2 values): acc holds ``sum_t (p r)_t code_t`` and prs ``sum_t (p r)_t``; with ``q = 2 code - 3``
-    the output is ``2 acc - 3 prs``.
+    Packed values (KIND 1): acc holds ``sum_t (p r)_t code_t`` and prs ``sum_t (p r)_t``; the output is
+    ``acc - 2^(BITS-1) prs`` for ``q = code - 2^(BITS-1)``, and ``2 acc - 3 prs`` for MID (midrise nsep-2,
+    ``q = 2 code - 3``).
     """
     chan, real = _slot_chan(KIND, SL, M, MP)
     g = tl.arange(0, G_PAD)
     if KIND == 1:
         acc = acc * (_TWO24 / (1 << (SL * BITS)))  # slice SL was read as code * 2^(SL*BITS - 24)
-    if MID:
-        acc = acc * 2.0 - 3.0 * prs[None, :]
+        if MID:
+            acc = acc * 2.0 - 3.0 * prs[None, :]
+        else:
+            acc = acc - (1 << (BITS - 1)) * prs[None, :]
     if NSEP:
         acc = acc * tl.load(vs_ptr + chan, mask=real, other=0.0)[:, None]  # the static value scale, once
     omask = real[:, None] & gmask[None, :]
@@ -264,9 +266,9 @@ def _attend(
     m_i = tl.full([G_PAD], _NEG, tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc0 = tl.zeros([V_MP, G_PAD], tl.float32)
-    prs = l_i  # midrise values: sum_t p_t r_t (rescaled like acc); a placeholder otherwise
-    if V_MID:
-        prs = tl.zeros([G_PAD], tl.float32)
+    prs = l_i  # packed values: sum_t p_t r_t, to remove the codes' offset once at the end; a placeholder otherwise
+    if V_KIND == 1:
+        pvs = tl.zeros([BLOCK_N, G_PAD], tl.float32)
     if V_P > 1:
         acc1 = tl.zeros([V_MP, G_PAD], tl.float32)
     if V_P > 2:
@@ -277,19 +279,15 @@ def _attend(
         tmask = t < hi
         # keys: one load of the packed rows, then one dot per bit-slice
         kt = _load_tile(k_ptr, skt, t, tmask, K_KIND, K_M, K_MP)
-        s = _mma(_slice(kt, 0, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP,
-                        K_DT, K_MID),
+        s = _mma(_slice(kt, 0, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
                  qk0, tl.zeros([BLOCK_N, G_PAD], tl.float32), K_IEEE)
         if K_P > 1:
-            s = _mma(_slice(kt, 1, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP,
-                            K_DT, K_MID),
+            s = _mma(_slice(kt, 1, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
                      qk1, s, K_IEEE)
         if K_P > 2:
-            s = _mma(_slice(kt, 2, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP,
-                            K_DT, K_MID),
+            s = _mma(_slice(kt, 2, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
                      qk2, s, K_IEEE)
-            s = _mma(_slice(kt, 3, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP,
-                            K_DT, K_MID),
+            s = _mma(_slice(kt, 3, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
                      qk3, s, K_IEEE)
         if K_KIND == 1:
             r = tl.load(ka_ptr + t * skmt, mask=tmask, other=0.0).to(tl.float32) * rq
@@ -312,22 +310,25 @@ def _attend(
         if V_KIND == 1:
             p = p * tl.load(va_ptr + t * svmt, mask=tmask, other=0.0).to(tl.float32)[:, None]  # p_t r_t
         pv = p.to(V_DT)
-        if V_MID:
-            prs = prs * alpha + tl.sum(pv.to(tl.float32), axis=0)  # the very (rounded) weights the dots use
+        if V_KIND == 1:
+            # elementwise, reduced once after the loop: the very (rounded) weights the dots use
+            pvs = pvs * alpha[None, :] + pv.to(tl.float32)
 
         # values: acc_I[c, g] += sum_t code_I[t, c] (p r)[t, g], the slice transposed as the dot's A operand
         vt = _load_tile(v_ptr, svt, t, tmask, V_KIND, V_M, V_MP)
         acc0 = _mma(tl.trans(_slice(vt, 0, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M, V_MP,
-                                    V_DT, V_MID)), pv, acc0 * alpha[None, :], V_IEEE)
+                                    V_DT)), pv, acc0 * alpha[None, :], V_IEEE)
         if V_P > 1:
             acc1 = _mma(tl.trans(_slice(vt, 1, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                        V_MP, V_DT, V_MID)), pv, acc1 * alpha[None, :], V_IEEE)
+                                        V_MP, V_DT)), pv, acc1 * alpha[None, :], V_IEEE)
         if V_P > 2:
             acc2 = _mma(tl.trans(_slice(vt, 2, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                        V_MP, V_DT, V_MID)), pv, acc2 * alpha[None, :], V_IEEE)
+                                        V_MP, V_DT)), pv, acc2 * alpha[None, :], V_IEEE)
             acc3 = _mma(tl.trans(_slice(vt, 3, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                        V_MP, V_DT, V_MID)), pv, acc3 * alpha[None, :], V_IEEE)
+                                        V_MP, V_DT)), pv, acc3 * alpha[None, :], V_IEEE)
 
+    if V_KIND == 1:
+        prs = tl.sum(pvs, axis=0)
     _store_slice(acc0, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
                  HEAD_DIM, V_NSEP, DIRECT, V_MID)
     if V_P > 1:
@@ -440,21 +441,23 @@ def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, sob, soh, Hq, G, n_slots,
 # ---------------------------------------------------------------------------------------------- host side
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters of the split kernel (the benchmark's ``--tune`` sweeps them).
+    """Launch parameters of the split kernel (the benchmark's ``--tune`` sweeps them; 0 = chosen by format).
 
-    ``block_n``: tokens per loop step of the quantized range (0 = by format, see :meth:`block_for`). ``block_f``: the
-    same for the fp16 slots (kept small: the shared-memory buffers of both loops are allocated together).
-    ``min_g_pad``: the query heads of a KV head are padded to a power of two at least this large (the dot's N
-    dimension). ``ctas_per_sm``: programs one SM runs at once, until the first launch of a kernel variant tells (it
-    sizes the split count).
+    ``block_n``: tokens per loop step of the quantized range. ``num_warps``: warps per program. ``block_f``: tokens per
+    step over the fp16 slots (kept small: the shared-memory buffers of both loops are allocated together).
+    ``num_stages``: software-pipelining depth of the tile loads. ``min_g_pad``: the query heads of a KV head are padded
+    to a power of two at least this large (the dot's N dimension). ``ctas_per_sm``: programs one SM runs at once,
+    until the first launch of a kernel variant tells (it sizes the split count). ``maxnreg``: a register cap per thread
+    (0 = the compiler's choice).
     """
 
     block_n: int = 0
     block_f: int = 32
-    num_warps: int = 4
+    num_warps: int = 0
     num_stages: int = 3
     min_g_pad: int = 8
-    ctas_per_sm: int = 3
+    ctas_per_sm: int = 0
+    maxnreg: int = 0
 
     @classmethod
     def from_env(cls) -> Self:
@@ -471,16 +474,28 @@ class DecodeConfig:
             raise ValueError(f"bad KVCOMPILE_DECODE_CONFIG={spec!r} (expected e.g. 'block_n=64,num_warps=4'): {e}") \
                 from e
 
-    def block_for(self, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int) -> int:
-        """Tokens per loop step: 256 for 4-bit int-token/nsep codes at head_dim <= 128, 128 for narrower codes,
-        else 64 (wider tiles would exceed the register file). Measured with ``benchmarks/kernels.py --tune`` on an
-        H100 (Llama-3-8B shape, batch 8, 32k): nsep-4 134.7 us at 256 vs 156.1 us at 128; nsep-2 best at 128."""
+    def launch_for(self, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int) -> tuple[int, int]:
+        """(tokens per loop step, warps per program) for a pair of stores.
+
+        Packed int-token/nsep codes of at most 4 bits at head_dim <= 128: one warp on 64-token tiles. Measured with
+        ``benchmarks/kernels.py --tune`` on an H100 (Llama-3-8B shape, batch 8, 32k,
+        ``results/h100_tune_warps_2026-11-23.log``): nsep-4 108.8 us vs 137.4 us for the best 4-warp tile (256
+        tokens), nsep-2 131.7 us vs 194.3 us; 2 warps on 128 tokens 122 / 147 us, 8 warps far slower. Fewer warps
+        win because the softmax reduces over tokens, which with tokens spread over several warps costs a
+        shared-memory round trip and a barrier per tile. Everything else: four warps on 64-token tiles, the measured
+        best for fp16 stores (wider rows per token would not fit one warp's registers).
+        """
+        narrow = head_dim <= 128 and all(f.kind in ("int-token", "nsep") and f.bits <= 4 for f in (k_fmt, v_fmt))
+        warps = self.num_warps or (1 if narrow else 4)
         if self.block_n:
-            return self.block_n
-        narrow = all(f.kind in ("int-token", "nsep") and f.bits <= 4 for f in (k_fmt, v_fmt))
-        if narrow and head_dim <= 128:
-            return 256 if all(f.bits == 4 for f in (k_fmt, v_fmt)) else 128
-        return 64
+            return self.block_n, warps
+        if narrow and warps == 4:  # the best tiles of four warps (same tuning run): 256 tokens at 4 bits, else 128
+            return (256 if all(f.bits == 4 for f in (k_fmt, v_fmt)) else 128), warps
+        return 64, warps
+
+    def slots_per_sm(self, warps: int) -> int:
+        """Programs per SM assumed before a kernel variant's first launch reports its real occupancy."""
+        return self.ctas_per_sm or (8 if warps == 1 else 3)
 
 
 _OCCUPANCY: dict[tuple, int] = {}  # programs per SM of each compiled split-kernel variant, read after its first launch
@@ -648,7 +663,7 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         return decode_attention_reference(q, k_store, v_store, k_fmt, v_fmt, n_quant, fp_k, fp_v, n_fp, n_sinks,
                                           scaling, k_scale, v_scale, seq_start, softcap).to(q.dtype)
     cfg = config or DecodeConfig.from_env()
-    block_n = cfg.block_for(k_fmt, v_fmt, d)
+    block_n, num_warps = cfg.launch_for(k_fmt, v_fmt, d)
     G = Hq // Hkv
     out = torch.empty(B, Hq, d, dtype=q.dtype, device=q.device)
     if n_quant == 0 and n_fp == 0:  # nothing to attend to: the reference's softmax over no keys gives zeros
@@ -656,11 +671,11 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
     chunk = 0
     g_pad = max(cfg.min_g_pad, next_pow2(G))
     # the launch's compile-time specialisation: programs of one key share registers/shared memory, so occupancy
-    occ_key = (k_fmt, v_fmt, d, g_pad, q.dtype, fp_k.dtype, block_n, cfg.block_f, cfg.num_warps, cfg.num_stages)
+    occ_key = (k_fmt, v_fmt, d, g_pad, q.dtype, fp_k.dtype, block_n, num_warps, cfg)
     if n_quant:
         if num_splits is None:
             if backend == "triton":
-                slots = num_sms(q.device.index or 0) * _OCCUPANCY.get(occ_key, cfg.ctas_per_sm)
+                slots = num_sms(q.device.index or 0) * _OCCUPANCY.get(occ_key, cfg.slots_per_sm(num_warps))
             else:
                 slots = 4
             num_splits = pick_num_splits(n_quant, B * Hkv, block_n, slots)
@@ -712,10 +727,10 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         F_MP=next_pow2(d), FK_DT=fk_dt, FV_DT=fv_dt,
         HAS_QUANT=num_splits > 0, HAS_FP=has_fp, HAS_START=seq_start is not None, HAS_SOFTCAP=bool(softcap),
         DIRECT=direct, DEV_LENS=lens is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     if backend == "triton" and occ_key not in _OCCUPANCY:
-        _OCCUPANCY[occ_key] = _ctas_per_sm(kernel, cfg.num_warps, q.device.index or 0, cfg.ctas_per_sm)
+        _OCCUPANCY[occ_key] = _ctas_per_sm(kernel, num_warps, q.device.index or 0, cfg.slots_per_sm(num_warps))
     if not direct:
         _merge_kernel[(B * Hq,)](
             pm, pl, pacc, out, out.stride(0), out.stride(1), Hq, G, n_slots,

@@ -172,7 +172,8 @@ def test_split_count_does_not_change_the_result() -> None:
     args, kw = build(Case(NSEP4, NSEP4, d=64, G=4, B=1, n_quant=260, n_fp=5, sinks=2))
     outs = [decode_attention(*args, **kw, num_splits=s) for s in (1, 3)]
     for o in outs[1:]:
-        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
+        # fp32 sums in another order; the values offset is removed after the sums (cancellation of ~3 bits)
+        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5 * outs[0].abs().max().item())
 
 
 @pytest.mark.parametrize("c", [
