@@ -414,6 +414,9 @@ def main() -> int:
     ap.add_argument("--tune-grid", default=DEFAULT_GRID, metavar="SPEC",
                     help=f"configurations --tune sweeps, e.g. 'block_n=64,128;num_warps=1,4' (default {DEFAULT_GRID})")
     ap.add_argument("--tune-formats", default="nsep-4,nsep-2,fp16", metavar="F,..", help="formats --tune sweeps")
+    ap.add_argument("--batches", metavar="B,..", help=f"batch sizes of the decode table (default {BATCHES})")
+    ap.add_argument("--contexts", metavar="N,..", help=f"context lengths of the decode table (default {CONTEXTS})")
+    ap.add_argument("--formats", metavar="F,..", help=f"packed formats of the decode table (default {DECODE_FORMATS})")
     ap.add_argument("--no-check", action="store_true", help="skip the GPU correctness checks")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -433,6 +436,12 @@ def main() -> int:
     shapes, batches, contexts, dfmts, qfmts = SHAPES, BATCHES, CONTEXTS, DECODE_FORMATS, QUANT_FORMATS
     if args.quick:
         shapes, batches, contexts, dfmts, qfmts = SHAPES[:1], [8], [4096, 32768], ["nsep-4", "nsep-2"], ["nsep-4"]
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
+    if args.contexts:
+        contexts = [int(c) for c in args.contexts.split(",")]
+    if args.formats:
+        dfmts = args.formats.split(",")
 
     failed = False
     if not args.no_check:

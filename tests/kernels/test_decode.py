@@ -211,6 +211,8 @@ def test_pick_num_splits() -> None:
     # a long context on few heads is split enough to fill the GPU; many heads need few splits
     assert 8 * pick_num_splits(32768, 8, 128, 396) >= 264
     assert pick_num_splits(8192, 1024, 128, 396) <= 8
+    # few heads, long context, many slots: not hundreds of one-block splits (the merge would dominate)
+    assert 16 <= pick_num_splits(32768, 2, 64, 1056) <= 128
 
 
 def test_bad_input() -> None:
