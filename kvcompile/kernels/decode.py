@@ -125,6 +125,39 @@ def _load_tile(ptr, st, t, tmask, KIND: tl.constexpr, M: tl.constexpr, MP: tl.co
 
 
 @jit
+def _load_lanes_t(ptr, st, t, tmask, M: tl.constexpr, MP: tl.constexpr):
+    """Packed rows of tokens t as 16-bit lanes, transposed: [MP/2, BLOCK_N] uint16 (lane j = bytes 2j, 2j+1).
+
+    Loaded this way, the transposition happens on the packed data (4 to 8 times fewer bytes than the unpacked
+    codes), and every 32-bit register of the transposed tile holds one lane of two neighbouring tokens: masking
+    it gives two tokens' codes of one channel, which is the layout the values' dot wants for its A operand (the
+    reduction runs over tokens), so the unpacked codes feed the tensor cores without a shared-memory transpose.
+    """
+    j = tl.arange(0, MP // 2)
+    p16 = ptr.to(tl.pointer_type(tl.uint16))
+    tile = tl.load(p16 + t[:, None] * (2 * st) + j[None, :], mask=tmask[:, None] & (j < M // 2)[None, :], other=0)
+    tile = tl.trans(tile.to(tl.uint16, bitcast=True))  # [MP/2, BLOCK_N]
+    ev, od = tl.split(tl.reshape(tile, (MP // 2, tile.shape[1] // 2, 2)))
+    return ev.to(tl.uint32) | (od.to(tl.uint32) << 16)  # [MP/2, BLOCK_N/2]: lane j of tokens 2i (low), 2i+1
+
+
+@jit
+def _vdot(vt, SL: tl.constexpr, HI: tl.constexpr, BITS: tl.constexpr, pv, acc, alpha, DT: tl.constexpr,
+          IEEE: tl.constexpr):
+    """acc * alpha + codes @ pv for byte HI of every lane of vt [MP/2, BLOCK_N] (see :func:`_load_lanes_t`),
+    bit-slice SL, read as fp16 ``code * 2^(SL*BITS - 24)`` like :func:`_unpack` does."""
+    MASK: tl.constexpr = (((1 << BITS) - 1) << (SL * BITS)) * 0x10001
+    if HI:
+        x = (vt >> 8) & MASK
+    else:
+        x = vt & MASK
+    lo = x.to(tl.uint16).to(tl.float16, bitcast=True)
+    hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    a = tl.reshape(tl.join(lo, hi), (vt.shape[0], 2 * vt.shape[1])).to(DT)
+    return _mma(a, pv, acc * alpha[None, :], IEEE)
+
+
+@jit
 def _slice(tile, SL: tl.constexpr, a_ptr, b_ptr, smt, t, tmask, IS_K: tl.constexpr,
            KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
            DT: tl.constexpr):
@@ -168,14 +201,20 @@ def _q_slice(q_ptr, sqh, ks_ptr, qscale, gmask, SL: tl.constexpr, KIND: tl.const
 @jit
 def _store_slice(acc, l_i, prs, SL: tl.constexpr, vs_ptr, pacc_ptr, out_ptr, soh, gmask, KIND: tl.constexpr,
                  BITS: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 NSEP: tl.constexpr, DIRECT: tl.constexpr, MID: tl.constexpr):
+                 NSEP: tl.constexpr, DIRECT: tl.constexpr, MID: tl.constexpr, LANE: tl.constexpr = -1):
     """Write slice SL of the accumulated output [MP, G_PAD] (slot order) to its channels, final or partial.
 
     Packed values (KIND 1): acc holds ``sum_t (p r)_t code_t`` and prs ``sum_t (p r)_t``; the output is
     ``acc - 2^(BITS-1) prs`` for ``q = code - 2^(BITS-1)``, and ``2 acc - 3 prs`` for MID (midrise nsep-2,
-    ``q = 2 code - 3``).
+    ``q = 2 code - 3``). LANE 0 / 1: acc has MP/2 rows, row j holding channel ``SL*M + 2j + LANE`` (the dots of
+    :func:`_vdot`).
     """
-    chan, real = _slot_chan(KIND, SL, M, MP)
+    if LANE >= 0:
+        j = tl.arange(0, MP // 2)
+        chan = SL * M + 2 * j + LANE
+        real = 2 * j + LANE < M
+    else:
+        chan, real = _slot_chan(KIND, SL, M, MP)
     g = tl.arange(0, G_PAD)
     if KIND == 1:
         acc = acc * (_TWO24 / (1 << (SL * BITS)))  # slice SL was read as code * 2^(SL*BITS - 24)
@@ -265,15 +304,27 @@ def _attend(
 
     m_i = tl.full([G_PAD], _NEG, tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc0 = tl.zeros([V_MP, G_PAD], tl.float32)
     prs = l_i  # packed values: sum_t p_t r_t, to remove the codes' offset once at the end; a placeholder otherwise
     if V_KIND == 1:
+        # packed values: one accumulator per bit-slice and byte of a 16-bit lane (see _load_lanes_t)
         pvs = tl.zeros([BLOCK_N, G_PAD], tl.float32)
-    if V_P > 1:
-        acc1 = tl.zeros([V_MP, G_PAD], tl.float32)
-    if V_P > 2:
-        acc2 = tl.zeros([V_MP, G_PAD], tl.float32)
-        acc3 = tl.zeros([V_MP, G_PAD], tl.float32)
+        acc0 = tl.zeros([V_MP // 2, G_PAD], tl.float32)
+        acc0h = tl.zeros([V_MP // 2, G_PAD], tl.float32)
+        if V_P > 1:
+            acc1 = tl.zeros([V_MP // 2, G_PAD], tl.float32)
+            acc1h = tl.zeros([V_MP // 2, G_PAD], tl.float32)
+        if V_P > 2:
+            acc2 = tl.zeros([V_MP // 2, G_PAD], tl.float32)
+            acc2h = tl.zeros([V_MP // 2, G_PAD], tl.float32)
+            acc3 = tl.zeros([V_MP // 2, G_PAD], tl.float32)
+            acc3h = tl.zeros([V_MP // 2, G_PAD], tl.float32)
+    else:
+        acc0 = tl.zeros([V_MP, G_PAD], tl.float32)
+        if V_P > 1:
+            acc1 = tl.zeros([V_MP, G_PAD], tl.float32)
+        if V_P > 2:
+            acc2 = tl.zeros([V_MP, G_PAD], tl.float32)
+            acc3 = tl.zeros([V_MP, G_PAD], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         t = n0 + tl.arange(0, BLOCK_N)
         tmask = t < hi
@@ -315,30 +366,62 @@ def _attend(
             pvs = pvs * alpha[None, :] + pv.to(tl.float32)
 
         # values: acc_I[c, g] += sum_t code_I[t, c] (p r)[t, g], the slice transposed as the dot's A operand
-        vt = _load_tile(v_ptr, svt, t, tmask, V_KIND, V_M, V_MP)
-        acc0 = _mma(tl.trans(_slice(vt, 0, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M, V_MP,
-                                    V_DT)), pv, acc0 * alpha[None, :], V_IEEE)
-        if V_P > 1:
-            acc1 = _mma(tl.trans(_slice(vt, 1, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                        V_MP, V_DT)), pv, acc1 * alpha[None, :], V_IEEE)
-        if V_P > 2:
-            acc2 = _mma(tl.trans(_slice(vt, 2, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                        V_MP, V_DT)), pv, acc2 * alpha[None, :], V_IEEE)
-            acc3 = _mma(tl.trans(_slice(vt, 3, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                        V_MP, V_DT)), pv, acc3 * alpha[None, :], V_IEEE)
+        if V_KIND == 1:
+            vl = _load_lanes_t(v_ptr, svt, t, tmask, V_M, V_MP)
+            acc0 = _vdot(vl, 0, False, V_BITS, pv, acc0, alpha, V_DT, V_IEEE)
+            acc0h = _vdot(vl, 0, True, V_BITS, pv, acc0h, alpha, V_DT, V_IEEE)
+            if V_P > 1:
+                acc1 = _vdot(vl, 1, False, V_BITS, pv, acc1, alpha, V_DT, V_IEEE)
+                acc1h = _vdot(vl, 1, True, V_BITS, pv, acc1h, alpha, V_DT, V_IEEE)
+            if V_P > 2:
+                acc2 = _vdot(vl, 2, False, V_BITS, pv, acc2, alpha, V_DT, V_IEEE)
+                acc2h = _vdot(vl, 2, True, V_BITS, pv, acc2h, alpha, V_DT, V_IEEE)
+                acc3 = _vdot(vl, 3, False, V_BITS, pv, acc3, alpha, V_DT, V_IEEE)
+                acc3h = _vdot(vl, 3, True, V_BITS, pv, acc3h, alpha, V_DT, V_IEEE)
+        else:
+            vt = _load_tile(v_ptr, svt, t, tmask, V_KIND, V_M, V_MP)
+            acc0 = _mma(tl.trans(_slice(vt, 0, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M, V_MP,
+                                        V_DT)), pv, acc0 * alpha[None, :], V_IEEE)
+            if V_P > 1:
+                acc1 = _mma(tl.trans(_slice(vt, 1, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
+                                            V_MP, V_DT)), pv, acc1 * alpha[None, :], V_IEEE)
+            if V_P > 2:
+                acc2 = _mma(tl.trans(_slice(vt, 2, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
+                                            V_MP, V_DT)), pv, acc2 * alpha[None, :], V_IEEE)
+                acc3 = _mma(tl.trans(_slice(vt, 3, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
+                                            V_MP, V_DT)), pv, acc3 * alpha[None, :], V_IEEE)
 
     if V_KIND == 1:
         prs = tl.sum(pvs, axis=0)
-    _store_slice(acc0, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                 HEAD_DIM, V_NSEP, DIRECT, V_MID)
-    if V_P > 1:
-        _store_slice(acc1, l_i, prs, 1, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+        _store_slice(acc0, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                     HEAD_DIM, V_NSEP, DIRECT, V_MID, 0)
+        _store_slice(acc0h, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                     HEAD_DIM, V_NSEP, DIRECT, V_MID, 1)
+        if V_P > 1:
+            _store_slice(acc1, l_i, prs, 1, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 0)
+            _store_slice(acc1h, l_i, prs, 1, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 1)
+        if V_P > 2:
+            _store_slice(acc2, l_i, prs, 2, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 0)
+            _store_slice(acc2h, l_i, prs, 2, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 1)
+            _store_slice(acc3, l_i, prs, 3, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 0)
+            _store_slice(acc3h, l_i, prs, 3, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 1)
+    else:
+        _store_slice(acc0, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
                      HEAD_DIM, V_NSEP, DIRECT, V_MID)
-    if V_P > 2:
-        _store_slice(acc2, l_i, prs, 2, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                     HEAD_DIM, V_NSEP, DIRECT, V_MID)
-        _store_slice(acc3, l_i, prs, 3, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                     HEAD_DIM, V_NSEP, DIRECT, V_MID)
+        if V_P > 1:
+            _store_slice(acc1, l_i, prs, 1, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID)
+        if V_P > 2:
+            _store_slice(acc2, l_i, prs, 2, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID)
+            _store_slice(acc3, l_i, prs, 3, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID)
     if not DIRECT:
         g = tl.arange(0, G_PAD)
         tl.store(pm_ptr + g, m_i, mask=gmask)
@@ -693,6 +776,8 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
 
     k_data, ka, kb, kms, kc = _source(k_fmt, k_store, q, backend)
     v_data, va, vb, vms, vc = _source(v_fmt, v_store, q, backend)
+    if vc["KIND"] == _SYM:
+        vc["MP"] = max(vc["MP"], 32)  # the values' dots have MP/2 rows (_load_lanes_t): 16 at least for tl.dot
     dummy = q  # stands in for pointers a configuration never reads
     ks = k_scale.to(q.device, torch.float32).contiguous() if k_scale is not None else dummy
     vs = v_scale.to(q.device, torch.float32).contiguous() if v_scale is not None else dummy
