@@ -380,8 +380,8 @@ def _attend(
                 acc3h = _vdot(vl, 3, True, V_BITS, pv, acc3h, alpha, V_DT, V_IEEE)
         else:
             vt = _load_tile(v_ptr, svt, t, tmask, V_KIND, V_M, V_MP)
-            acc0 = _mma(tl.trans(_slice(vt, 0, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M, V_MP,
-                                        V_DT)), pv, acc0 * alpha[None, :], V_IEEE)
+            acc0 = _mma(tl.trans(_slice(vt, 0, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
+                                        V_MP, V_DT)), pv, acc0 * alpha[None, :], V_IEEE)
             if V_P > 1:
                 acc1 = _mma(tl.trans(_slice(vt, 1, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
                                             V_MP, V_DT)), pv, acc1 * alpha[None, :], V_IEEE)
@@ -443,10 +443,16 @@ def _decode_split_kernel(
     V_NSEP: tl.constexpr, V_DT: tl.constexpr,
     F_MP: tl.constexpr, FK_DT: tl.constexpr, FV_DT: tl.constexpr,
     HAS_QUANT: tl.constexpr, HAS_FP: tl.constexpr, HAS_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DIRECT: tl.constexpr, DEV_LENS: tl.constexpr,
+    DIRECT: tl.constexpr, DEV_LENS: tl.constexpr, K_ROW16: tl.constexpr, V_ROW16: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     sid = tl.program_id(1)
+    # packed rows start on 16-byte boundaries (checked by the host): tell the compiler, so that a row's words are
+    # fetched 16 bytes at a time (Triton only infers this for strides that are multiples of 16 elements)
+    if K_ROW16:
+        skt = (skt // 4) * 4  # == skt; the compiler's divisibility analysis understands this form
+    if V_ROW16:
+        svt = (svt // 4) * 4
     if DEV_LENS:
         # lengths live on the device (CUDA-graph replay): the launch was sized for upper bounds; the real lengths
         # are read here and the quantized range is re-split into whole blocks (splits past the end stay empty)
@@ -648,6 +654,11 @@ def _word_readable(fmt: KVFormat, store: dict[str, Tensor]) -> bool:
             and c.data_ptr() % 4 == 0)
 
 
+def _rows16(kind: int, data: Tensor) -> bool:
+    """Whether every token row of a packed store (viewed as 32-bit words) starts on a 16-byte boundary."""
+    return kind != _FP and data.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in data.stride()[:3])
+
+
 def _data_dot_dtype(data: Tensor, q: Tensor, backend: str) -> torch.dtype:
     """Operand dtype of the dots over full-precision K/V: their own, but fp32 for fp32 models (exact products) and
     for bf16 under Triton's interpreter, which holds bf16 as raw 16-bit integers and multiplies those in tl.dot."""
@@ -814,7 +825,8 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         V_NSEP=vc["NSEP"], V_DT=vc["DT"],
         F_MP=next_pow2(d), FK_DT=fk_dt, FV_DT=fv_dt,
         HAS_QUANT=num_splits > 0, HAS_FP=has_fp, HAS_START=seq_start is not None, HAS_SOFTCAP=bool(softcap),
-        DIRECT=direct, DEV_LENS=lens is not None,
+        DIRECT=direct, DEV_LENS=lens is not None, K_ROW16=_rows16(kc["KIND"], k_data),
+        V_ROW16=_rows16(vc["KIND"], v_data),
         num_warps=num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     if backend == "triton" and occ_key not in _OCCUPANCY:
