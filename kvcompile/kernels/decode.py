@@ -544,7 +544,9 @@ class DecodeConfig:
     ``num_stages``: software-pipelining depth of the tile loads. ``min_g_pad``: the query heads of a KV head are padded
     to a power of two at least this large (the dot's N dimension). ``ctas_per_sm``: programs one SM runs at once,
     until the first launch of a kernel variant tells (it sizes the split count). ``maxnreg``: a register cap per thread
-    (0 = the compiler's choice).
+    (0 = the compiler's choice). ``merge_block``: partials the merge kernel combines per step (64: with 16, a long
+    context on few KV heads spent several serial steps merging; H200, batch 1, 32k, nsep-2: Qwen2.5-1.5B shape 21.1 ->
+    17.7 us, Llama-3-8B shape 25.0 -> 21.9 us, ``results/h200_v5_b1_merge*.log``).
     """
 
     block_n: int = 0
@@ -554,6 +556,7 @@ class DecodeConfig:
     min_g_pad: int = 8
     ctas_per_sm: int = 0
     maxnreg: int = 0
+    merge_block: int = 64
 
     @classmethod
     def from_env(cls) -> Self:
@@ -617,11 +620,13 @@ def pick_num_splits(n_quant: int, bh: int, block_n: int, slots: int) -> int:
     """Split count for the quantized range of ``bh`` (batch, KV head) pairs on ``slots`` concurrent programs.
 
     Programs run in waves of ``slots``; a wave lasts as long as its programs' chunks (plus about one block of fixed
-    work: query setup, partial write). Then the merge kernel reads each query head's partials 16 splits per step,
-    about one block's bytes each. The chunk length that minimises ``waves * (chunk + 1) + ceil(splits / 16)`` wins:
-    the GPU is full (every SM busy with several programs), the last wave is not a sliver, and a long context on few
-    heads is not cut into hundreds of splits whose merge would cost more than it saves (measured on an H100:
-    Qwen2.5-1.5B shape, batch 1, 32k: 512 one-block splits took 51 us, SDPA 19 us).
+    work: query setup, partial write). Then the merge kernel reads each query head's partials, costing about one
+    block per 16 splits (fitted when the merge took 16 splits per step; it now takes up to
+    ``DecodeConfig.merge_block``, so the term is conservative). The chunk length that minimises
+    ``waves * (chunk + 1) + ceil(splits / 16)`` wins: the GPU is full (every SM busy with several programs), the
+    last wave is not a sliver, and a long context on few heads is not cut into hundreds of splits whose merge would
+    cost more than it saves (measured on an H100: Qwen2.5-1.5B shape, batch 1, 32k: 512 one-block splits took 51 us,
+    SDPA 19 us).
     """
     if n_quant <= 0:
         return 0
@@ -841,7 +846,8 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
     if not direct:
         _merge_kernel[(B * Hq,)](
             pm, pl, pacc, out, out.stride(0), out.stride(1), Hq, G, n_slots,
-            HEAD_DIM=d, D_PAD=next_pow2(d), S_PAD=next_pow2(n_slots), S_BLOCK=min(16, next_pow2(n_slots)),
+            HEAD_DIM=d, D_PAD=next_pow2(d), S_PAD=next_pow2(n_slots),
+            S_BLOCK=min(cfg.merge_block, next_pow2(n_slots)),
             num_warps=4,
         )
     return out
