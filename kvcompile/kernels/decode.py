@@ -133,12 +133,13 @@ def _load_tile(ptr, st, t, tmask, KIND: tl.constexpr, M: tl.constexpr, MP: tl.co
 
 @jit
 def _load_lanes_t(ptr, st, t, tmask, M: tl.constexpr, MP: tl.constexpr):
-    """Packed rows of tokens t as 16-bit lanes, transposed: [MP/2, BLOCK_N] uint16 (lane j = bytes 2j, 2j+1).
+    """Packed rows of tokens t as 16-bit lanes (lane j = bytes 2j, 2j+1 of a row), transposed, two tokens per word:
+    [MP/2, BLOCK_N/2] uint32, word (j, i) = lane j of token 2i (low half) and of token 2i+1 (high half).
 
-    Loaded this way, the transposition happens on the packed data (4 to 8 times fewer bytes than the unpacked
-    codes), and every 32-bit register of the transposed tile holds one lane of two neighbouring tokens: masking
-    it gives two tokens' codes of one channel, which is the layout the values' dot wants for its A operand (the
-    reduction runs over tokens), so the unpacked codes feed the tensor cores without a shared-memory transpose.
+    The transposition happens on the packed data (2 to 8 times fewer bytes than the unpacked codes), and masking a
+    word gives two tokens' codes of one channel, which is what the values' dot wants in each register of its A
+    operand (the reduction runs over tokens): the unpacked codes feed the tensor cores without a shared-memory
+    transpose. The host guarantees BLOCK_N even and M a multiple of 4 bytes (:func:`_word_readable`).
     """
     j = tl.arange(0, MP // 2)
     p16 = ptr.to(tl.pointer_type(tl.uint16))
@@ -151,8 +152,9 @@ def _load_lanes_t(ptr, st, t, tmask, M: tl.constexpr, MP: tl.constexpr):
 @jit
 def _vdot(vt, SL: tl.constexpr, HI: tl.constexpr, BITS: tl.constexpr, pv, acc, alpha, DT: tl.constexpr,
           IEEE: tl.constexpr):
-    """acc * alpha + codes @ pv for byte HI of every lane of vt [MP/2, BLOCK_N] (see :func:`_load_lanes_t`),
-    bit-slice SL, read as fp16 ``code * 2^(SL*BITS - 24)`` like :func:`_unpack` does."""
+    """acc * alpha + codes @ pv: the codes of bit-slice SL in byte HI of every lane of vt [MP/2, BLOCK_N/2] (see
+    :func:`_load_lanes_t`), as an [MP/2, BLOCK_N] tile of fp16 ``code * 2^(SL*BITS - 24)`` like :func:`_unpack`
+    makes; row j is channel ``SL*M + 2j + HI``."""
     MASK: tl.constexpr = (((1 << BITS) - 1) << (SL * BITS)) * 0x10001
     if HI:
         x = (vt >> 8) & MASK
