@@ -15,7 +15,8 @@ One query token per sequence attends to ``n_quant`` quantized tokens (read packe
      conversion, whose quarter-rate throughput would otherwise bound the kernel (see :func:`_unpack`);
    * scores the block with one tensor-core dot per slice against the query, which was pre-scaled once per program by
      the static nsep scale, the softmax scale and log2(e): ``score_t = r_t * sum_c (q_c s_c) code_tc`` (int-token:
-     s = 1; kivi: the block is dequantized with its group scale/zero; fp16: plain);
+     s = 1; kivi: against the query times the tile's per-channel group scales, plus the query's sum with the zeros,
+     see :func:`_kivi_kw`; fp16: plain);
    * updates an online softmax (base 2) and accumulates ``sum_t (p_t r_t) code_t`` with one dot per value slice
      and byte of a 16-bit lane; the static value scale ``s`` is applied once at the end. The values' dot reduces
      over tokens, so its operand must pair *tokens* in each 32-bit register, while a packed word pairs channels.
@@ -163,34 +164,77 @@ def _vdot(vt, SL: tl.constexpr, HI: tl.constexpr, BITS: tl.constexpr, pv, acc, a
     lo = x.to(tl.uint16).to(tl.float16, bitcast=True)
     hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
     a = tl.reshape(tl.join(lo, hi), (vt.shape[0], 2 * vt.shape[1])).to(DT)
-    return _mma(a, pv, acc * alpha[None, :], IEEE)
+    NBW: tl.constexpr = acc.shape[1] // alpha.shape[0]  # kivi: one column block per channel group
+    if NBW == 1:
+        acc = acc * alpha[None, :]
+    else:
+        acc = tl.reshape(tl.reshape(acc, (acc.shape[0], NBW, alpha.shape[0])) * alpha[None, None, :], acc.shape)
+    return _mma(a, pv, acc, IEEE)
 
 
 @jit
-def _slice(tile, SL: tl.constexpr, a_ptr, b_ptr, smt, t, tmask, IS_K: tl.constexpr,
-           KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
-           DT: tl.constexpr):
-    """Slice SL of a loaded K or V tile as DT values [BLOCK_N, MP] in slot order.
+def _kivi_kw(qk, ka_ptr, kb_ptr, skmt, n0, hi, SL: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+             GROUP: tl.constexpr, NB: tl.constexpr, G_PAD: tl.constexpr):
+    """kivi keys, slice SL: the query slice qk [MP, G_PAD] (fp32, slot order) times each token group's scales,
+    [MP, NB * G_PAD] (column block b = token group ``n0 // GROUP + b``), and ``sum_c q_c zero_c`` [NB, G_PAD].
 
-    int-token / nsep: keys and values give the raw ``code * 2^(SL*BITS - 24)``; callers remove the codes' offset and
-    apply the powers of two and the multipliers. kivi: the dequantized values. fp16: the data.
+    A key is ``code * scale + zero`` with scale/zero per channel and group of GROUP tokens, so a score is
+    ``sum_c code_c (q_c scale_c) + sum_c q_c zero_c``: the dot runs on the raw codes against the query times the
+    scales (one column block per token group of the tile; each row keeps its own block afterwards), and the codes
+    are never dequantized element by element.
     """
+    chan, real = _slot_chan(2, SL, M, MP)
+    tg = n0 // GROUP + tl.arange(0, NB)
+    msk = real[:, None] & (tg * GROUP < hi)[None, :]
+    off = tg[None, :] * skmt + chan[:, None]
+    sc = tl.load(ka_ptr + off, mask=msk, other=0.0).to(tl.float32)  # [MP, NB]
+    ze = tl.load(kb_ptr + off, mask=msk, other=0.0).to(tl.float32)
+    w = tl.reshape(qk[:, None, :] * sc[:, :, None], (MP, NB * G_PAD))
+    qz = tl.sum(qk[:, None, :] * ze[:, :, None], axis=0)  # [NB, G_PAD]
+    return w, qz
+
+
+@jit
+def _pick_block(x, blk, NB: tl.constexpr, G_PAD: tl.constexpr):
+    """x [R, NB * G_PAD] -> [R, G_PAD]: row i keeps column block blk[i] (zero when blk[i] >= NB)."""
+    x3 = tl.reshape(x, (x.shape[0], NB, G_PAD))
+    sel = blk[:, None] == tl.arange(0, NB)[None, :]
+    return tl.sum(tl.where(sel[:, :, None], x3, 0.0), axis=1)
+
+
+@jit
+def _kivi_vw(pv, va_ptr, svmt, t, tmask, SL: tl.constexpr, M: tl.constexpr, GROUP: tl.constexpr,
+             NB: tl.constexpr, NG: tl.constexpr, G_PAD: tl.constexpr, DT: tl.constexpr):
+    """kivi values, slice SL: the softmax weights pv [BLOCK_N, G_PAD] times each token's scale of every channel group
+    the slice covers, [BLOCK_N, NB * G_PAD] (column block b = group ``SL*M // GROUP + b``): ``sum_t p_t v_tc =
+    sum_t (p_t scale_t,grp(c)) code_tc + sum_t p_t zero_t,grp(c)``, so the codes go to the dot as they are."""
+    grp = (SL * M) // GROUP + tl.arange(0, NB)
+    sc = tl.load(va_ptr + t[:, None] * svmt + grp[None, :], mask=tmask[:, None] & (grp < NG)[None, :], other=0.0)
+    w = pv.to(tl.float32)[:, None, :] * sc.to(tl.float32)[:, :, None]
+    return tl.reshape(w, (pv.shape[0], NB * G_PAD)).to(DT)
+
+
+@jit
+def _kivi_vout(acc, zacc, SL: tl.constexpr, HI: tl.constexpr, BITS: tl.constexpr, M: tl.constexpr,
+               MP: tl.constexpr, GROUP: tl.constexpr, NB: tl.constexpr, NGP: tl.constexpr, G_PAD: tl.constexpr):
+    """kivi values after the loop: acc [MP/2, NB * G_PAD] of :func:`_vdot` -> [MP/2, G_PAD] sums of real values
+    (row j = channel ``SL*M + 2j + HI``): each row's own group block, the codes' power of two, plus its group's
+    ``sum_t p_t zero_t`` from zacc [NGP, G_PAD]."""
+    j = tl.arange(0, MP // 2)
+    c = SL * M + 2 * j + HI
+    out = _pick_block(acc, (2 * j + HI) // GROUP, NB, G_PAD) * (_TWO24 / (1 << (SL * BITS)))
+    return out + _pick_block(tl.reshape(zacc, (1, NGP * G_PAD)).broadcast_to(MP // 2, NGP * G_PAD), c // GROUP,
+                             NGP, G_PAD)
+
+
+@jit
+def _slice(tile, SL: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, MP: tl.constexpr, DT: tl.constexpr):
+    """Slice SL of a loaded K or V tile as DT values [BLOCK_N, MP] in slot order: fp16 data as it is, packed codes as
+    ``code * 2^(SL*BITS - 24)`` (callers remove the codes' offset and apply the powers of two and multipliers)."""
     if KIND == 0:
         out = tile.to(DT)
-    elif KIND == 1:
-        out = _unpack(tile, SL, BITS, t.shape[0], MP).to(DT)
     else:
-        # kivi: keys have a scale/zero row per channel and group of GROUP tokens, values one per token and group of
-        # GROUP channels
-        chan, real = _slot_chan(KIND, SL, M, MP)
-        msk = tmask[:, None] & real[None, :]
-        if IS_K:
-            off = (t // GROUP)[:, None] * smt + chan[None, :]
-        else:
-            off = t[:, None] * smt + (chan // GROUP)[None, :]
-        sc = tl.load(a_ptr + off, mask=msk, other=0.0).to(tl.float32) * (_TWO24 / (1 << (SL * BITS)))
-        ze = tl.load(b_ptr + off, mask=msk, other=0.0).to(tl.float32)
-        out = (_unpack(tile, SL, BITS, t.shape[0], MP).to(tl.float32) * sc + ze).to(DT)
+        out = _unpack(tile, SL, BITS, tile.shape[0], MP).to(DT)
     return out
 
 
@@ -266,6 +310,10 @@ def _attend(
     # NSEP == 2: nsep's midrise 2-bit grid, q = 2 code - 3 (see _source)
     K_MID: tl.constexpr = K_NSEP == 2
     V_MID: tl.constexpr = V_NSEP == 2
+    # kivi: token groups of keys per tile, channel groups of values per dot and in all (the host checks V_NG <= 16)
+    K_NB: tl.constexpr = (BLOCK_N + K_GROUP - 1) // K_GROUP
+    V_NB: tl.constexpr = (V_M + V_GROUP - 1) // V_GROUP
+    V_NG: tl.constexpr = (HEAD_DIM + V_GROUP - 1) // V_GROUP
     gmask = tl.arange(0, G_PAD) < G
 
     # the query, pre-scaled once per program (softmax scale and log2(e), or 1/softcap; nsep key scale)
@@ -303,7 +351,7 @@ def _attend(
         else:
             qoff = qoff * (1 << (K_BITS - 1))
             rq = 1.0 / qnorm
-    else:  # fp16 data, or kivi keys (dequantized to their real values in the loop)
+    elif K_KIND == 0:  # fp16 data (kivi keys keep the fp32 query: it is multiplied by each tile's scales)
         qk0 = qk0.to(K_DT)
         if K_P > 1:
             qk1 = qk1.to(K_DT)
@@ -314,41 +362,71 @@ def _attend(
     m_i = tl.full([G_PAD], _NEG, tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     prs = l_i  # packed values: sum_t p_t r_t, to remove the codes' offset once at the end; a placeholder otherwise
-    if V_KIND == 1:
-        # packed values: one accumulator per bit-slice and byte of a 16-bit lane (see _load_lanes_t)
-        pvs = tl.zeros([BLOCK_N, G_PAD], tl.float32)
-        acc0 = tl.zeros([V_MP // 2, G_PAD], tl.float32)
-        acc0h = tl.zeros([V_MP // 2, G_PAD], tl.float32)
+    if V_KIND != 0:
+        # packed values: one accumulator per bit-slice and byte of a 16-bit lane (see _load_lanes_t); kivi: with a
+        # column block per channel group (see _kivi_vw), and the zeros' sums per group
+        VW: tl.constexpr = V_NB * G_PAD if V_KIND == 2 else G_PAD
+        if V_KIND == 1:
+            pvs = tl.zeros([BLOCK_N, G_PAD], tl.float32)
+        else:
+            zacc = tl.zeros([16, G_PAD], tl.float32)
+        acc0 = tl.zeros([V_MP // 2, VW], tl.float32)
+        acc0h = tl.zeros([V_MP // 2, VW], tl.float32)
         if V_P > 1:
-            acc1 = tl.zeros([V_MP // 2, G_PAD], tl.float32)
-            acc1h = tl.zeros([V_MP // 2, G_PAD], tl.float32)
+            acc1 = tl.zeros([V_MP // 2, VW], tl.float32)
+            acc1h = tl.zeros([V_MP // 2, VW], tl.float32)
         if V_P > 2:
-            acc2 = tl.zeros([V_MP // 2, G_PAD], tl.float32)
-            acc2h = tl.zeros([V_MP // 2, G_PAD], tl.float32)
-            acc3 = tl.zeros([V_MP // 2, G_PAD], tl.float32)
-            acc3h = tl.zeros([V_MP // 2, G_PAD], tl.float32)
-    else:
+            acc2 = tl.zeros([V_MP // 2, VW], tl.float32)
+            acc2h = tl.zeros([V_MP // 2, VW], tl.float32)
+            acc3 = tl.zeros([V_MP // 2, VW], tl.float32)
+            acc3h = tl.zeros([V_MP // 2, VW], tl.float32)
+    else:  # fp16 data: one slice
         acc0 = tl.zeros([V_MP, G_PAD], tl.float32)
-        if V_P > 1:
-            acc1 = tl.zeros([V_MP, G_PAD], tl.float32)
-        if V_P > 2:
-            acc2 = tl.zeros([V_MP, G_PAD], tl.float32)
-            acc3 = tl.zeros([V_MP, G_PAD], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         t = n0 + tl.arange(0, BLOCK_N)
         tmask = t < hi
         # keys: one load of the packed rows, then one dot per bit-slice
         kt = _load_tile(k_ptr, skt, t, tmask, K_KIND, K_M, K_MP)
-        s = _mma(_slice(kt, 0, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
-                 qk0, tl.zeros([BLOCK_N, G_PAD], tl.float32), K_IEEE)
-        if K_P > 1:
-            s = _mma(_slice(kt, 1, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
-                     qk1, s, K_IEEE)
-        if K_P > 2:
-            s = _mma(_slice(kt, 2, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
-                     qk2, s, K_IEEE)
-            s = _mma(_slice(kt, 3, ka_ptr, kb_ptr, skmt, t, tmask, True, K_KIND, K_BITS, K_GROUP, K_M, K_MP, K_DT),
-                     qk3, s, K_IEEE)
+        if K_KIND == 2:
+            # kivi: the raw codes against the query times each token group's scales (_kivi_kw), normalised per tile
+            # to a max of 2^14 like the packed query above (the codes are read as code * 2^(SL*BITS - 24))
+            w0, qz = _kivi_kw(qk0, ka_ptr, kb_ptr, skmt, n0, hi, 0, K_M, K_MP, K_GROUP, K_NB, G_PAD)
+            amax = tl.max(tl.max(tl.abs(w0), axis=1), axis=0)
+            if K_P > 1:
+                w1, qz1 = _kivi_kw(qk1, ka_ptr, kb_ptr, skmt, n0, hi, 1, K_M, K_MP, K_GROUP, K_NB, G_PAD)
+                qz += qz1
+                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(w1), axis=1), axis=0))
+            if K_P > 2:
+                w2, qz2 = _kivi_kw(qk2, ka_ptr, kb_ptr, skmt, n0, hi, 2, K_M, K_MP, K_GROUP, K_NB, G_PAD)
+                w3, qz3 = _kivi_kw(qk3, ka_ptr, kb_ptr, skmt, n0, hi, 3, K_M, K_MP, K_GROUP, K_NB, G_PAD)
+                qz += qz2 + qz3
+                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(w2), axis=1), axis=0))
+                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(w3), axis=1), axis=0))
+            kn = 16384.0 / tl.maximum(amax, 1e-30)
+            sw = _mma(_unpack(kt, 0, K_BITS, BLOCK_N, K_MP).to(K_DT), (w0 * kn).to(K_DT),
+                      tl.zeros([BLOCK_N, K_NB * G_PAD], tl.float32), K_IEEE)
+            if K_P > 1:
+                sw = _mma(_unpack(kt, 1, K_BITS, BLOCK_N, K_MP).to(K_DT), (w1 * (kn / (1 << K_BITS))).to(K_DT), sw,
+                          K_IEEE)
+            if K_P > 2:
+                sw = _mma(_unpack(kt, 2, K_BITS, BLOCK_N, K_MP).to(K_DT),
+                          (w2 * (kn / (1 << (2 * K_BITS)))).to(K_DT), sw, K_IEEE)
+                sw = _mma(_unpack(kt, 3, K_BITS, BLOCK_N, K_MP).to(K_DT),
+                          (w3 * (kn / (1 << (3 * K_BITS)))).to(K_DT), sw, K_IEEE)
+            blk = (t - n0) // K_GROUP  # each token's group within the tile
+            qzr = tl.broadcast_to(tl.reshape(qz, (1, K_NB * G_PAD)), (BLOCK_N, K_NB * G_PAD))
+            s = _pick_block(sw, blk, K_NB, G_PAD) * (_TWO24 / kn) + _pick_block(qzr, blk, K_NB, G_PAD)
+        else:
+            s = _mma(_slice(kt, 0, K_KIND, K_BITS, K_MP, K_DT),
+                     qk0, tl.zeros([BLOCK_N, G_PAD], tl.float32), K_IEEE)
+            if K_P > 1:
+                s = _mma(_slice(kt, 1, K_KIND, K_BITS, K_MP, K_DT),
+                         qk1, s, K_IEEE)
+            if K_P > 2:
+                s = _mma(_slice(kt, 2, K_KIND, K_BITS, K_MP, K_DT),
+                         qk2, s, K_IEEE)
+                s = _mma(_slice(kt, 3, K_KIND, K_BITS, K_MP, K_DT),
+                         qk3, s, K_IEEE)
         if K_KIND == 1:
             r = tl.load(ka_ptr + t * skmt, mask=tmask, other=0.0).to(tl.float32) * rq
             s = (s * _TWO24 - qoff[None, :]) * r[:, None]
@@ -375,33 +453,54 @@ def _attend(
             pvs = pvs * alpha[None, :] + pv.to(tl.float32)
 
         # values: acc_I[c, g] += sum_t code_I[t, c] (p r)[t, g], the slice transposed as the dot's A operand
-        if V_KIND == 1:
+        if V_KIND != 0:
             vl = _load_lanes_t(v_ptr, svt, t, tmask, V_M, V_MP)
-            acc0 = _vdot(vl, 0, False, V_BITS, pv, acc0, alpha, V_DT, V_IEEE)
-            acc0h = _vdot(vl, 0, True, V_BITS, pv, acc0h, alpha, V_DT, V_IEEE)
+            pw0 = pv
+            pw1 = pv
+            pw2 = pv
+            pw3 = pv
+            if V_KIND == 2:
+                # kivi: the weights times each token's group scales, one column block per group of a slice; the
+                # zeros' share: zacc[grp, g] += sum_t zero_t,grp p_tg
+                gz = tl.arange(0, 16)
+                zt = tl.load(vb_ptr + t[None, :] * svmt + gz[:, None], mask=(gz < V_NG)[:, None] & tmask[None, :],
+                             other=0.0).to(V_DT)
+                zacc = _mma(zt, pv, zacc * alpha[None, :], V_IEEE)
+                pw0 = _kivi_vw(pv, va_ptr, svmt, t, tmask, 0, V_M, V_GROUP, V_NB, V_NG, G_PAD, V_DT)
+                if V_P > 1:
+                    pw1 = _kivi_vw(pv, va_ptr, svmt, t, tmask, 1, V_M, V_GROUP, V_NB, V_NG, G_PAD, V_DT)
+                if V_P > 2:
+                    pw2 = _kivi_vw(pv, va_ptr, svmt, t, tmask, 2, V_M, V_GROUP, V_NB, V_NG, G_PAD, V_DT)
+                    pw3 = _kivi_vw(pv, va_ptr, svmt, t, tmask, 3, V_M, V_GROUP, V_NB, V_NG, G_PAD, V_DT)
+            acc0 = _vdot(vl, 0, False, V_BITS, pw0, acc0, alpha, V_DT, V_IEEE)
+            acc0h = _vdot(vl, 0, True, V_BITS, pw0, acc0h, alpha, V_DT, V_IEEE)
             if V_P > 1:
-                acc1 = _vdot(vl, 1, False, V_BITS, pv, acc1, alpha, V_DT, V_IEEE)
-                acc1h = _vdot(vl, 1, True, V_BITS, pv, acc1h, alpha, V_DT, V_IEEE)
+                acc1 = _vdot(vl, 1, False, V_BITS, pw1, acc1, alpha, V_DT, V_IEEE)
+                acc1h = _vdot(vl, 1, True, V_BITS, pw1, acc1h, alpha, V_DT, V_IEEE)
             if V_P > 2:
-                acc2 = _vdot(vl, 2, False, V_BITS, pv, acc2, alpha, V_DT, V_IEEE)
-                acc2h = _vdot(vl, 2, True, V_BITS, pv, acc2h, alpha, V_DT, V_IEEE)
-                acc3 = _vdot(vl, 3, False, V_BITS, pv, acc3, alpha, V_DT, V_IEEE)
-                acc3h = _vdot(vl, 3, True, V_BITS, pv, acc3h, alpha, V_DT, V_IEEE)
+                acc2 = _vdot(vl, 2, False, V_BITS, pw2, acc2, alpha, V_DT, V_IEEE)
+                acc2h = _vdot(vl, 2, True, V_BITS, pw2, acc2h, alpha, V_DT, V_IEEE)
+                acc3 = _vdot(vl, 3, False, V_BITS, pw3, acc3, alpha, V_DT, V_IEEE)
+                acc3h = _vdot(vl, 3, True, V_BITS, pw3, acc3h, alpha, V_DT, V_IEEE)
         else:
             vt = _load_tile(v_ptr, svt, t, tmask, V_KIND, V_M, V_MP)
-            acc0 = _mma(tl.trans(_slice(vt, 0, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                        V_MP, V_DT)), pv, acc0 * alpha[None, :], V_IEEE)
-            if V_P > 1:
-                acc1 = _mma(tl.trans(_slice(vt, 1, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                            V_MP, V_DT)), pv, acc1 * alpha[None, :], V_IEEE)
-            if V_P > 2:
-                acc2 = _mma(tl.trans(_slice(vt, 2, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                            V_MP, V_DT)), pv, acc2 * alpha[None, :], V_IEEE)
-                acc3 = _mma(tl.trans(_slice(vt, 3, va_ptr, vb_ptr, svmt, t, tmask, False, V_KIND, V_BITS, V_GROUP, V_M,
-                                            V_MP, V_DT)), pv, acc3 * alpha[None, :], V_IEEE)
+            acc0 = _mma(tl.trans(_slice(vt, 0, V_KIND, V_BITS, V_MP, V_DT)), pv, acc0 * alpha[None, :], V_IEEE)
 
-    if V_KIND == 1:
-        prs = tl.sum(pvs, axis=0)
+    if V_KIND == 2:
+        # kivi: each row's own group block, its power of two and its group's zeros; then stored as they are
+        acc0 = _kivi_vout(acc0, zacc, 0, 0, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
+        acc0h = _kivi_vout(acc0h, zacc, 0, 1, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
+        if V_P > 1:
+            acc1 = _kivi_vout(acc1, zacc, 1, 0, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
+            acc1h = _kivi_vout(acc1h, zacc, 1, 1, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
+        if V_P > 2:
+            acc2 = _kivi_vout(acc2, zacc, 2, 0, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
+            acc2h = _kivi_vout(acc2h, zacc, 2, 1, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
+            acc3 = _kivi_vout(acc3, zacc, 3, 0, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
+            acc3h = _kivi_vout(acc3h, zacc, 3, 1, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
+    if V_KIND != 0:
+        if V_KIND == 1:
+            prs = tl.sum(pvs, axis=0)
         _store_slice(acc0, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
                      HEAD_DIM, V_NSEP, DIRECT, V_MID, 0)
         _store_slice(acc0h, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
@@ -423,14 +522,6 @@ def _attend(
     else:
         _store_slice(acc0, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
                      HEAD_DIM, V_NSEP, DIRECT, V_MID)
-        if V_P > 1:
-            _store_slice(acc1, l_i, prs, 1, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                         HEAD_DIM, V_NSEP, DIRECT, V_MID)
-        if V_P > 2:
-            _store_slice(acc2, l_i, prs, 2, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                         HEAD_DIM, V_NSEP, DIRECT, V_MID)
-            _store_slice(acc3, l_i, prs, 3, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                         HEAD_DIM, V_NSEP, DIRECT, V_MID)
     if not DIRECT:
         g = tl.arange(0, G_PAD)
         tl.store(pm_ptr + g, m_i, mask=gmask)
@@ -765,6 +856,11 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         # no graphs to replay off the GPU: take the real lengths (a host read) and run the ordinary path
         n_quant, n_fp = (int(x) for x in lens.tolist())
         lens = None
+    if backend != "torch" and v_fmt.kind == "kivi" and -(-d // v_fmt.group) > 16:
+        # the kernel sums the values' zeros of at most 16 channel groups per head
+        warnings.warn(f"decode_attention: kivi values with {-(-d // v_fmt.group)} channel groups per head (more "
+                      "than 16); using the (slow) PyTorch path", stacklevel=2)
+        backend = "torch"
     if backend != "torch" and not (_word_readable(k_fmt, k_store) and _word_readable(v_fmt, v_store)):
         # head_dim * bits / 8 not a multiple of 4 (head_dim not a multiple of 16 at 2 bits): no fused kernel
         warnings.warn(f"decode_attention: head_dim {d} packs into rows that are not whole 32-bit words; "
@@ -801,7 +897,7 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
 
     k_data, ka, kb, kms, kc = _source(k_fmt, k_store, q, backend)
     v_data, va, vb, vms, vc = _source(v_fmt, v_store, q, backend)
-    if vc["KIND"] == _SYM:
+    if vc["KIND"] != _FP:
         vc["MP"] = max(vc["MP"], 32)  # the values' dots have MP/2 rows (_load_lanes_t): 16 at least for tl.dot
     dummy = q  # stands in for pointers a configuration never reads
     ks = k_scale.to(q.device, torch.float32).contiguous() if k_scale is not None else dummy

@@ -138,6 +138,10 @@ CASES = [
     Case(INT2, NSEP2, d=128, G=2, n_quant=90, n_fp=3, sinks=1, seq_start=(0, 11), splits=1),
     Case(NSEP4, INT4, d=64, G=4, n_quant=160, n_fp=6, sinks=2, dtype=torch.float16, seq_start=(170, 3), splits=2,
          softcap=50.0),  # batch 0 masked through all quantized tokens and some of the tail
+    # kivi groups wider than a tile (keys) and than a slice (values); 8-bit kivi with 8 channel groups of values
+    Case(KVFormat("kivi", 4, 128), KVFormat("kivi", 4, 128), d=128, G=4, n_quant=256, n_fp=5, sinks=1,
+         dtype=torch.bfloat16, splits=3),
+    Case(KVFormat("kivi", 8, 32), KVFormat("kivi", 8, 32), d=256, G=2, n_quant=64, n_fp=3, sinks=0, splits=1),
 ]
 
 
