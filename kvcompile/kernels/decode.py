@@ -675,9 +675,14 @@ class DecodeConfig:
         tokens), nsep-2 131.7 us vs 194.3 us; 2 warps on 128 tokens 122 / 147 us, 8 warps far slower. Fewer warps
         win because the softmax reduces over tokens, which with tokens spread over several warps costs a
         shared-memory round trip and a barrier per tile. Everything else: four warps on 64-token tiles, the measured
-        best for fp16 stores (wider rows per token would not fit one warp's registers).
+        best for fp16 stores (wider rows per token would not fit one warp's registers). kivi stores (at most 4 bits,
+        head_dim <= 128): two warps on 128-token tiles (its tiles carry per-group scale products as well).
         """
         narrow = head_dim <= 128 and all(f.kind in ("int-token", "nsep") and f.bits <= 4 for f in (k_fmt, v_fmt))
+        kivi = (head_dim <= 128 and all(f.kind in ("int-token", "nsep", "kivi") and f.bits <= 4 for f in (k_fmt, v_fmt))
+                and "kivi" in (k_fmt.kind, v_fmt.kind))
+        if kivi:  # H200, same shape: 2 warps x 128 tokens 320.5 us, 4 x 64 643.3 (results/h200_kivi_tune.log)
+            return self.block_n or 128, self.num_warps or 2
         warps = self.num_warps or (1 if narrow else 4)
         if self.block_n:
             return self.block_n, warps
