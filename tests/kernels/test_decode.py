@@ -207,6 +207,15 @@ def test_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(out, decode_attention_reference(*args, **kw).to(torch.float16))
 
 
+def test_kivi_values_with_many_groups_fall_back() -> None:
+    """The kernel sums the values' zeros of at most 16 channel groups per head; more go to the PyTorch path, with a
+    warning that says so."""
+    args, kw = build(Case(KIVI4, KVFormat("kivi", 4, 2), d=64, n_quant=64, n_fp=3))  # 32 groups of 2 channels
+    with pytest.warns(UserWarning, match="channel groups"):
+        out = decode_attention(*args, **kw)
+    assert torch.equal(out, decode_attention_reference(*args, **kw).to(out.dtype))
+
+
 def test_pick_num_splits() -> None:
     assert pick_num_splits(0, 8, 128, 396) == 0
     for n, bh in [(1, 1), (1000, 8), (32768, 64), (131072, 256), (4096, 2)]:
