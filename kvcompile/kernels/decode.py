@@ -252,15 +252,17 @@ def _q_slice(q_ptr, sqh, ks_ptr, qscale, gmask, SL: tl.constexpr, KIND: tl.const
 
 
 @jit
-def _store_slice(acc, l_i, prs, SL: tl.constexpr, vs_ptr, pacc_ptr, out_ptr, soh, gmask, KIND: tl.constexpr,
+def _store_slice(acc, l_i, aux, SL: tl.constexpr, vs_ptr, pacc_ptr, out_ptr, soh, gmask, KIND: tl.constexpr,
                  BITS: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 NSEP: tl.constexpr, DIRECT: tl.constexpr, MID: tl.constexpr, LANE: tl.constexpr = -1):
+                 NSEP: tl.constexpr, DIRECT: tl.constexpr, MID: tl.constexpr, LANE: tl.constexpr = -1,
+                 GROUP: tl.constexpr = 1, NB: tl.constexpr = 1):
     """Write slice SL of the accumulated output [MP, G_PAD] (slot order) to its channels, final or partial.
 
-    Packed values (KIND 1): acc holds ``sum_t (p r)_t code_t`` and prs ``sum_t (p r)_t``; the output is
-    ``acc - 2^(BITS-1) prs`` for ``q = code - 2^(BITS-1)``, and ``2 acc - 3 prs`` for MID (midrise nsep-2,
-    ``q = 2 code - 3``). LANE 0 / 1: acc has MP/2 rows, row j holding channel ``SL*M + 2j + LANE`` (the dots of
-    :func:`_vdot`).
+    Packed values (KIND 1): acc holds ``sum_t (p r)_t code_t`` and aux ``sum_t (p r)_t``; the output is
+    ``acc - 2^(BITS-1) aux`` for ``q = code - 2^(BITS-1)``, and ``2 acc - 3 aux`` for MID (midrise nsep-2,
+    ``q = 2 code - 3``). kivi values (KIND 2): acc has a column block per channel group and aux the zeros' sums per
+    group, combined by :func:`_kivi_vout`. LANE 0 / 1: acc has MP/2 rows, row j holding channel
+    ``SL*M + 2j + LANE`` (the dots of :func:`_vdot`).
     """
     if LANE >= 0:
         j = tl.arange(0, MP // 2)
@@ -272,9 +274,11 @@ def _store_slice(acc, l_i, prs, SL: tl.constexpr, vs_ptr, pacc_ptr, out_ptr, soh
     if KIND == 1:
         acc = acc * (_TWO24 / (1 << (SL * BITS)))  # slice SL was read as code * 2^(SL*BITS - 24)
         if MID:
-            acc = acc * 2.0 - 3.0 * prs[None, :]
+            acc = acc * 2.0 - 3.0 * aux[None, :]
         else:
-            acc = acc - (1 << (BITS - 1)) * prs[None, :]
+            acc = acc - (1 << (BITS - 1)) * aux[None, :]
+    elif KIND == 2:
+        acc = _kivi_vout(acc, aux, SL, LANE, BITS, M, MP, GROUP, NB, 16, G_PAD)
     if NSEP:
         acc = acc * tl.load(vs_ptr + chan, mask=real, other=0.0)[:, None]  # the static value scale, once
     omask = real[:, None] & gmask[None, :]
@@ -486,39 +490,29 @@ def _attend(
             vt = _load_tile(v_ptr, svt, t, tmask, V_KIND, V_M, V_MP)
             acc0 = _mma(tl.trans(_slice(vt, 0, V_KIND, V_BITS, V_MP, V_DT)), pv, acc0 * alpha[None, :], V_IEEE)
 
-    if V_KIND == 2:
-        # kivi: each row's own group block, its power of two and its group's zeros; then stored as they are
-        acc0 = _kivi_vout(acc0, zacc, 0, 0, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
-        acc0h = _kivi_vout(acc0h, zacc, 0, 1, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
-        if V_P > 1:
-            acc1 = _kivi_vout(acc1, zacc, 1, 0, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
-            acc1h = _kivi_vout(acc1h, zacc, 1, 1, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
-        if V_P > 2:
-            acc2 = _kivi_vout(acc2, zacc, 2, 0, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
-            acc2h = _kivi_vout(acc2h, zacc, 2, 1, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
-            acc3 = _kivi_vout(acc3, zacc, 3, 0, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
-            acc3h = _kivi_vout(acc3h, zacc, 3, 1, V_BITS, V_M, V_MP, V_GROUP, V_NB, 16, G_PAD)
     if V_KIND != 0:
         if V_KIND == 1:
             prs = tl.sum(pvs, axis=0)
+        else:
+            prs = zacc  # kivi: the zeros' sums per channel group (see _store_slice)
         _store_slice(acc0, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                     HEAD_DIM, V_NSEP, DIRECT, V_MID, 0)
+                     HEAD_DIM, V_NSEP, DIRECT, V_MID, 0, V_GROUP, V_NB)
         _store_slice(acc0h, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                     HEAD_DIM, V_NSEP, DIRECT, V_MID, 1)
+                     HEAD_DIM, V_NSEP, DIRECT, V_MID, 1, V_GROUP, V_NB)
         if V_P > 1:
             _store_slice(acc1, l_i, prs, 1, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 0)
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 0, V_GROUP, V_NB)
             _store_slice(acc1h, l_i, prs, 1, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 1)
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 1, V_GROUP, V_NB)
         if V_P > 2:
             _store_slice(acc2, l_i, prs, 2, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 0)
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 0, V_GROUP, V_NB)
             _store_slice(acc2h, l_i, prs, 2, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 1)
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 1, V_GROUP, V_NB)
             _store_slice(acc3, l_i, prs, 3, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 0)
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 0, V_GROUP, V_NB)
             _store_slice(acc3h, l_i, prs, 3, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
-                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 1)
+                         HEAD_DIM, V_NSEP, DIRECT, V_MID, 1, V_GROUP, V_NB)
     else:
         _store_slice(acc0, l_i, prs, 0, vs_ptr, pacc_ptr, out_ptr, soh, gmask, V_KIND, V_BITS, V_M, V_MP, G_PAD,
                      HEAD_DIM, V_NSEP, DIRECT, V_MID)
