@@ -133,20 +133,37 @@ def _load_tile(ptr, st, t, tmask, KIND: tl.constexpr, M: tl.constexpr, MP: tl.co
 
 
 @jit
-def _load_lanes_t(ptr, st, t, tmask, M: tl.constexpr, MP: tl.constexpr):
-    """Packed rows of tokens t as 16-bit lanes (lane j = bytes 2j, 2j+1 of a row), transposed, two tokens per word:
-    [MP/2, BLOCK_N/2] uint32, word (j, i) = lane j of token 2i (low half) and of token 2i+1 (high half).
+def _load_lanes_t(ptr, st, n0, hi, BLOCK_N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, LB: tl.constexpr):
+    """Packed rows of tokens [n0, n0 + BLOCK_N) as 16-bit lanes (lane j = bytes 2j, 2j+1 of a row), transposed, two
+    tokens per word: [MP/2, BLOCK_N/2] uint32, word (j, i) = lane j of token 2i (low half) and of token 2i+1 (high).
 
     The transposition happens on the packed data (2 to 8 times fewer bytes than the unpacked codes), and masking a
     word gives two tokens' codes of one channel, which is what the values' dot wants in each register of its A
     operand (the reduction runs over tokens): the unpacked codes feed the tensor cores without a shared-memory
     transpose. The host guarantees BLOCK_N even and M a multiple of 4 bytes (:func:`_word_readable`).
+
+    LB > 0: the tile is loaded as ``[MP/(2 LB) * BLOCK_N, LB]``, row ``cb * BLOCK_N + token`` holding lanes
+    ``[cb*LB, (cb+1)*LB)`` of the token. The pipelined shared-memory buffer keeps the loaded order, unswizzled (Triton
+    swizzles only buffers that feed a dot directly), so this order decides the bank conflicts: with LB = 8 the
+    8 tokens x 16 bytes that one transposing ldmatrix reads are 128 contiguous bytes, and the copies of a warp write
+    512 contiguous bytes. LB = 0: plain ``[BLOCK_N, MP/2]`` rows (for 64-byte rows, a 4-way conflict per ldmatrix).
     """
-    j = tl.arange(0, MP // 2)
     p16 = ptr.to(tl.pointer_type(tl.uint16))
-    tile = tl.load(p16 + t[:, None] * (2 * st) + j[None, :], mask=tmask[:, None] & (j < M // 2)[None, :], other=0)
-    tile = tl.trans(tile.to(tl.uint16, bitcast=True))  # [MP/2, BLOCK_N]
-    ev, od = tl.split(tl.reshape(tile, (MP // 2, tile.shape[1] // 2, 2)))
+    if LB == 0:
+        t = n0 + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, MP // 2)
+        tile = tl.load(p16 + t[:, None] * (2 * st) + j[None, :], mask=(t < hi)[:, None] & (j < M // 2)[None, :],
+                       other=0)
+        tile = tl.trans(tile.to(tl.uint16, bitcast=True))  # [MP/2, BLOCK_N]
+    else:
+        NCB: tl.constexpr = MP // (2 * LB)
+        rr = tl.arange(0, NCB * BLOCK_N)
+        t = n0 + rr % BLOCK_N
+        j = (rr // BLOCK_N)[:, None] * LB + tl.arange(0, LB)[None, :]
+        tile = tl.load(p16 + t[:, None] * (2 * st) + j, mask=(t < hi)[:, None] & (j < M // 2), other=0)
+        tile = tl.permute(tl.reshape(tile.to(tl.uint16, bitcast=True), (NCB, BLOCK_N, LB)), (0, 2, 1))
+        tile = tl.reshape(tile, (MP // 2, BLOCK_N))
+    ev, od = tl.split(tl.reshape(tile, (MP // 2, BLOCK_N // 2, 2)))
     return ev.to(tl.uint32) | (od.to(tl.uint32) << 16)  # [MP/2, BLOCK_N/2]: lane j of tokens 2i (low), 2i+1
 
 
@@ -228,6 +245,14 @@ def _kivi_vout(acc, zacc, SL: tl.constexpr, HI: tl.constexpr, BITS: tl.constexpr
 
 
 @jit
+def _rows8(x):
+    """[BLOCK_N, G] -> [8, G]: sums over rows i, i + 8, i + 16, ... In the MMA accumulator layout of one warp those rows
+    sit in the same thread (a thread holds rows lane/4 + 8k), so this is a sum inside each thread, with no shuffles;
+    the last axis-0 sum across threads waits until after the loop."""
+    return tl.sum(tl.reshape(x, (x.shape[0] // 8, 8, x.shape[1])), axis=0)
+
+
+@jit
 def _slice(tile, SL: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, MP: tl.constexpr, DT: tl.constexpr):
     """Slice SL of a loaded K or V tile as DT values [BLOCK_N, MP] in slot order: fp16 data as it is, packed codes as
     ``code * 2^(SL*BITS - 24)`` (callers remove the codes' offset and apply the powers of two and multipliers)."""
@@ -301,7 +326,7 @@ def _attend(
     K_NSEP: tl.constexpr, K_DT: tl.constexpr,
     V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_P: tl.constexpr, V_MP: tl.constexpr,
     V_NSEP: tl.constexpr, V_DT: tl.constexpr,
-    HAS_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr, V_LB: tl.constexpr,
 ):
     """Attention of the G query heads of one KV head over tokens [lo, hi) of one K/V source; writes the result.
 
@@ -364,14 +389,16 @@ def _attend(
             qk3 = qk3.to(K_DT)
 
     m_i = tl.full([G_PAD], _NEG, tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    prs = l_i  # packed values: sum_t p_t r_t, to remove the codes' offset once at the end; a placeholder otherwise
+    # the softmax denominator and (packed values) sum_t p_t r_t are kept as [8, G_PAD] partial sums over the tokens
+    # of each row group (_rows8) and reduced across threads once after the loop, not per tile
+    l8 = tl.zeros([8, G_PAD], tl.float32)
+    prs = tl.zeros([G_PAD], tl.float32)  # packed values: sum_t p_t r_t (the codes' offset); a placeholder otherwise
     if V_KIND != 0:
         # packed values: one accumulator per bit-slice and byte of a 16-bit lane (see _load_lanes_t); kivi: with a
         # column block per channel group (see _kivi_vw), and the zeros' sums per group
         VW: tl.constexpr = V_NB * G_PAD if V_KIND == 2 else G_PAD
         if V_KIND == 1:
-            pvs = tl.zeros([BLOCK_N, G_PAD], tl.float32)
+            pvs = tl.zeros([8, G_PAD], tl.float32)
         else:
             zacc = tl.zeros([16, G_PAD], tl.float32)
         acc0 = tl.zeros([V_MP // 2, VW], tl.float32)
@@ -445,20 +472,20 @@ def _attend(
 
         # online softmax over the block (base 2), tokens along axis 0
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])  # [BLOCK_N, G_PAD]
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        alpha = tl.exp2(m_i - m_new)
+        l8 = l8 * alpha[None, :] + _rows8(p)
         m_i = m_new
         if V_KIND == 1:
             p = p * tl.load(va_ptr + t * svmt, mask=tmask, other=0.0).to(tl.float32)[:, None]  # p_t r_t
         pv = p.to(V_DT)
         if V_KIND == 1:
             # elementwise, reduced once after the loop: the very (rounded) weights the dots use
-            pvs = pvs * alpha[None, :] + pv.to(tl.float32)
+            pvs = pvs * alpha[None, :] + _rows8(pv.to(tl.float32))
 
         # values: acc_I[c, g] += sum_t code_I[t, c] (p r)[t, g], the slice transposed as the dot's A operand
         if V_KIND != 0:
-            vl = _load_lanes_t(v_ptr, svt, t, tmask, V_M, V_MP)
+            vl = _load_lanes_t(v_ptr, svt, n0, hi, BLOCK_N, V_M, V_MP, V_LB)
             pw0 = pv
             pw1 = pv
             pw2 = pv
@@ -490,6 +517,7 @@ def _attend(
             vt = _load_tile(v_ptr, svt, t, tmask, V_KIND, V_M, V_MP)
             acc0 = _mma(tl.trans(_slice(vt, 0, V_KIND, V_BITS, V_MP, V_DT)), pv, acc0 * alpha[None, :], V_IEEE)
 
+    l_i = tl.sum(l8, axis=0)
     if V_KIND != 0:
         if V_KIND == 1:
             prs = tl.sum(pvs, axis=0)
@@ -538,6 +566,7 @@ def _decode_split_kernel(
     F_MP: tl.constexpr, FK_DT: tl.constexpr, FV_DT: tl.constexpr,
     HAS_QUANT: tl.constexpr, HAS_FP: tl.constexpr, HAS_START: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DIRECT: tl.constexpr, DEV_LENS: tl.constexpr, K_ROW16: tl.constexpr, V_ROW16: tl.constexpr,
+    V_LB: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     sid = tl.program_id(1)
@@ -578,7 +607,7 @@ def _decode_split_kernel(
                     HEAD_DIM, G_PAD, BLOCK_N,
                     K_KIND, K_BITS, K_GROUP, K_P, K_MP, K_NSEP, K_DT,
                     V_KIND, V_BITS, V_GROUP, V_P, V_MP, V_NSEP, V_DT,
-                    HAS_START, HAS_SOFTCAP, DIRECT)
+                    HAS_START, HAS_SOFTCAP, DIRECT, V_LB)
     if HAS_FP:  # noqa: SIM102
         if sid == num_splits:
             # fp16 slots: slot j holds absolute position j (a sink) or n_quant + j (the recent tail)
@@ -589,7 +618,7 @@ def _decode_split_kernel(
                     HEAD_DIM, G_PAD, BLOCK_F,
                     0, 16, 1, 1, F_MP, False, FK_DT,
                     0, 16, 1, 1, F_MP, False, FV_DT,
-                    HAS_START, HAS_SOFTCAP, DIRECT)
+                    HAS_START, HAS_SOFTCAP, DIRECT, V_LB)
 
 
 @jit
@@ -644,6 +673,7 @@ class DecodeConfig:
     ctas_per_sm: int = 0
     maxnreg: int = 0
     merge_block: int = 64
+    v_lanes: int = -1
 
     @classmethod
     def from_env(cls) -> Self:
@@ -683,6 +713,18 @@ class DecodeConfig:
         if narrow and warps == 4:  # the best tiles of four warps (same tuning run): 256 tokens at 4 bits, else 128
             return (256 if all(f.bits == 4 for f in (k_fmt, v_fmt)) else 128), warps
         return 64, warps
+
+    def v_lanes_for(self, mp: int) -> int:
+        """Lanes per shared-memory row of the packed value tiles (see :func:`_load_lanes_t`; 0 = whole token rows).
+
+        -1 (default): 8 for 32-byte rows (2-bit values at head_dim 128), else whole rows. H200, Llama-3-8B shape,
+        batch 8, 32k (``results/h200_v6_lanes_tune.log``): nsep-2 67.0 -> 64.0 us with 8 lanes; nsep-4 (64-byte rows)
+        85.1 us with whole rows, 99.4 with 8 lanes and 85.9 with 16. Blocks of 8 lanes make the transposing ldmatrix
+        reads conflict-free but split each row's copy into 16-byte pieces of different rows, which costs the copies
+        more than it saves the reads once rows are 64 bytes.
+        """
+        lanes = self.v_lanes if self.v_lanes >= 0 else (8 if mp // 2 == 16 else 0)
+        return lanes if 0 < lanes < mp // 2 else 0
 
     def slots_per_sm(self, warps: int) -> int:
         """Programs per SM assumed before a kernel variant's first launch reports its real occupancy."""
@@ -935,7 +977,7 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         F_MP=next_pow2(d), FK_DT=fk_dt, FV_DT=fv_dt,
         HAS_QUANT=num_splits > 0, HAS_FP=has_fp, HAS_START=seq_start is not None, HAS_SOFTCAP=bool(softcap),
         DIRECT=direct, DEV_LENS=lens is not None, K_ROW16=_rows16(kc["KIND"], k_data),
-        V_ROW16=_rows16(vc["KIND"], v_data),
+        V_ROW16=_rows16(vc["KIND"], v_data), V_LB=cfg.v_lanes_for(vc["MP"]),
         num_warps=num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     if backend == "triton" and occ_key not in _OCCUPANCY:

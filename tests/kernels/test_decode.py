@@ -180,6 +180,18 @@ def test_split_count_does_not_change_the_result() -> None:
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5 * outs[0].abs().max().item())
 
 
+@pytest.mark.parametrize("fmt,d", [(NSEP4, 128), (NSEP2, 256), (KIVI4, 128)], ids=lambda x: str(getattr(x, "name", x)))
+def test_value_tile_order_does_not_change_the_result(fmt: KVFormat, d: int) -> None:
+    """The packed value tiles can be loaded in whole token rows or in blocks of 8 / 16 lanes (DecodeConfig.v_lanes,
+    a shared-memory layout choice): the same bits come out."""
+    args, kw = build(Case(fmt, fmt, d=d, G=3, B=2, n_quant=160, n_fp=3, sinks=1))
+    cfgs = [dmod.DecodeConfig(v_lanes=lb) for lb in (0, 8, 16)]
+    outs = [dmod._decode(*args, k_scale=kw.get("k_scale"), v_scale=kw.get("v_scale"), seq_start=None, softcap=None,
+                         num_splits=2, config=c) for c in cfgs]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("c", [
     Case(NSEP4, NSEP4, d=64, G=4, n_quant=200, n_fp=9, sinks=4, seq_start=(0, 37)),
     Case(NSEP2, FP16, d=64, G=3, B=1, n_quant=0, n_fp=6, sinks=2, dtype=torch.float16),  # nothing quantized yet
