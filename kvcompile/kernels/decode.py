@@ -27,6 +27,11 @@ One query token per sequence attends to ``n_quant`` quantized tokens (read packe
      of 4-8x the bytes per tile (H200, Llama-3-8B shape, batch 8, 32k: nsep-2 134.7 -> 67.4 us, nsep-4 105.8 ->
      85.3 us).
 
+   The value tiles of 32-byte rows are loaded in blocks of 8 lanes (:func:`_load_lanes_t`, ``LB``), which keeps the
+   transposing ``ldmatrix`` free of bank conflicts in Triton's unswizzled pipeline buffer. The softmax denominator
+   and ``sum_t p_t r_t`` are kept as per-thread partial sums over row groups (:func:`_rows8`) and reduced across
+   threads once, after the loop.
+
    Stored codes are unsigned, ``q = code - 2^(b-1)`` (nsep-2: midrise, ``q = 2 code - 3``, see
    :mod:`kvcompile.formats`). The offset never touches the unpacked tiles: keys remove it through the query's sum
    (``q . (code - o) = q . code - o sum(q)``; nsep-2's factor 2 goes into the score multiplier), values accumulate
@@ -662,7 +667,8 @@ class DecodeConfig:
     until the first launch of a kernel variant tells (it sizes the split count). ``maxnreg``: a register cap per thread
     (0 = the compiler's choice). ``merge_block``: partials the merge kernel combines per step (64: with 16, a long
     context on few KV heads spent several serial steps merging; H200, batch 1, 32k, nsep-2: Qwen2.5-1.5B shape 21.1 ->
-    17.7 us, Llama-3-8B shape 25.0 -> 21.9 us, ``results/h200_v5_b1_merge*.log``).
+    17.7 us, Llama-3-8B shape 25.0 -> 21.9 us, ``results/h200_v5_b1_merge*.log``). ``v_lanes``: lanes per
+    shared-memory row of the packed value tiles, -1 = by row size (see :meth:`v_lanes_for`).
     """
 
     block_n: int = 0
