@@ -150,8 +150,10 @@ def _load_lanes_t(ptr, st, n0, hi, BLOCK_N: tl.constexpr, M: tl.constexpr, MP: t
     LB > 0: the tile is loaded as ``[MP/(2 LB) * BLOCK_N, LB]``, row ``cb * BLOCK_N + token`` holding lanes
     ``[cb*LB, (cb+1)*LB)`` of the token. The pipelined shared-memory buffer keeps the loaded order, unswizzled (Triton
     swizzles only buffers that feed a dot directly), so this order decides the bank conflicts: with LB = 8 the
-    8 tokens x 16 bytes that one transposing ldmatrix reads are 128 contiguous bytes, and the copies of a warp write
-    512 contiguous bytes. LB = 0: plain ``[BLOCK_N, MP/2]`` rows (for 64-byte rows, a 4-way conflict per ldmatrix).
+    8 tokens x 16 bytes that one transposing ldmatrix reads are 128 contiguous bytes (no conflict), but each 16-byte
+    asynchronous copy now comes from a different row, which costs the copies shared-memory wavefronts (Nsight: ~30
+    instead of 4 per copy instruction). LB = 0: plain ``[BLOCK_N, MP/2]`` rows, whole-row copies, and for 64-byte
+    rows a 4-way conflict per ldmatrix. Which wins depends on the row size (:meth:`DecodeConfig.v_lanes_for`).
     """
     p16 = ptr.to(tl.pointer_type(tl.uint16))
     if LB == 0:
@@ -253,7 +255,8 @@ def _kivi_vout(acc, zacc, SL: tl.constexpr, HI: tl.constexpr, BITS: tl.constexpr
 def _rows8(x):
     """[BLOCK_N, G] -> [8, G]: sums over rows i, i + 8, i + 16, ... In the MMA accumulator layout of one warp those rows
     sit in the same thread (a thread holds rows lane/4 + 8k), so this is a sum inside each thread, with no shuffles;
-    the last axis-0 sum across threads waits until after the loop."""
+    the last axis-0 sum across threads waits until after the loop. (With several warps the rows of different warps
+    are summed through shared memory: correct, just not free.)"""
     return tl.sum(tl.reshape(x, (x.shape[0] // 8, 8, x.shape[1])), axis=0)
 
 
