@@ -180,14 +180,19 @@ def test_split_count_does_not_change_the_result() -> None:
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5 * outs[0].abs().max().item())
 
 
-@pytest.mark.parametrize("fmt,d", [(NSEP4, 128), (NSEP2, 256), (KIVI4, 128)], ids=lambda x: str(getattr(x, "name", x)))
+@pytest.mark.parametrize("fmt,d", [(NSEP4, 128), (NSEP2, 128), (NSEP2, 256), (KIVI4, 128)],
+                         ids=lambda x: str(getattr(x, "name", x)))
 def test_value_tile_order_does_not_change_the_result(fmt: KVFormat, d: int) -> None:
     """The packed value tiles can be loaded in whole token rows or in blocks of 8 / 16 lanes (DecodeConfig.v_lanes,
-    a shared-memory layout choice): the same bits come out."""
-    args, kw = build(Case(fmt, fmt, d=d, G=3, B=2, n_quant=160, n_fp=3, sinks=1))
+    a shared-memory layout choice): the same bits come out, and they match the reference."""
+    c = Case(fmt, fmt, d=d, G=3, B=2, n_quant=160, n_fp=3, sinks=1)  # 160: the last 64-token tile is partial
+    args, kw = build(c)
     cfgs = [dmod.DecodeConfig(v_lanes=lb) for lb in (0, 8, 16)]
-    outs = [dmod._decode(*args, k_scale=kw.get("k_scale"), v_scale=kw.get("v_scale"), seq_start=None, softcap=None,
-                         num_splits=2, config=c) for c in cfgs]
+    mp = max(dmod.next_pow2(d * fmt.bits // 8), 32)  # the value tile's padded row bytes, as _decode sets them
+    assert len({cfg.v_lanes_for(mp) for cfg in cfgs}) >= 2, "the configurations must load the tiles differently"
+    outs = [dmod._decode(*args, **kw, num_splits=2, config=cfg) for cfg in cfgs]
+    ref = decode_attention_reference(*args, **kw)
+    assert ((outs[0].float() - ref).norm() / ref.norm()).item() < TOL[c.dtype]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=0, atol=0)
 
