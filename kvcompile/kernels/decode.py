@@ -73,6 +73,8 @@ _LOG2E = 1.4426950408889634
 _FP, _SYM, _KIVI = 0, 1, 2
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked block then gives exp2(0) * 0, never NaN
 _TWO24 = tl.constexpr(16777216.0)  # 2^24: unpacked codes are fp16 subnormals code * 2^-24, see _unpack
+_KIVI_VGROUPS = 16  # kivi values: the kernel keeps the zeros' sums of at most this many channel groups per head
+_KIVI_VG = tl.constexpr(_KIVI_VGROUPS)
 
 
 # ---------------------------------------------------------------------------------------------- Triton
@@ -311,7 +313,7 @@ def _store_slice(acc, l_i, aux, SL: tl.constexpr, vs_ptr, pacc_ptr, out_ptr, soh
         else:
             acc = acc - (1 << (BITS - 1)) * aux[None, :]
     elif KIND == 2:
-        acc = _kivi_vout(acc, aux, SL, LANE, BITS, M, MP, GROUP, NB, 16, G_PAD)
+        acc = _kivi_vout(acc, aux, SL, LANE, BITS, M, MP, GROUP, NB, _KIVI_VG, G_PAD)
     if NSEP:
         acc = acc * tl.load(vs_ptr + chan, mask=real, other=0.0)[:, None]  # the static value scale, once
     omask = real[:, None] & gmask[None, :]
@@ -347,7 +349,7 @@ def _attend(
     # NSEP == 2: nsep's midrise 2-bit grid, q = 2 code - 3 (see _source)
     K_MID: tl.constexpr = K_NSEP == 2
     V_MID: tl.constexpr = V_NSEP == 2
-    # kivi: token groups of keys per tile, channel groups of values per dot and in all (the host checks V_NG <= 16)
+    # kivi: token groups of keys per tile, channel groups of values per dot and in all (host: V_NG <= _KIVI_VG)
     K_NB: tl.constexpr = (BLOCK_N + K_GROUP - 1) // K_GROUP
     V_NB: tl.constexpr = (V_M + V_GROUP - 1) // V_GROUP
     V_NG: tl.constexpr = (HEAD_DIM + V_GROUP - 1) // V_GROUP
@@ -408,7 +410,7 @@ def _attend(
         if V_KIND == 1:
             pvs = tl.zeros([8, G_PAD], tl.float32)
         else:
-            zacc = tl.zeros([16, G_PAD], tl.float32)
+            zacc = tl.zeros([_KIVI_VG, G_PAD], tl.float32)
         acc0 = tl.zeros([V_MP // 2, VW], tl.float32)
         acc0h = tl.zeros([V_MP // 2, VW], tl.float32)
         if V_P > 1:
@@ -501,7 +503,7 @@ def _attend(
             if V_KIND == 2:
                 # kivi: the weights times each token's group scales, one column block per group of a slice; the
                 # zeros' share: zacc[grp, g] += sum_t zero_t,grp p_tg
-                gz = tl.arange(0, 16)
+                gz = tl.arange(0, _KIVI_VG)
                 zt = tl.load(vb_ptr + t[None, :] * svmt + gz[:, None], mask=(gz < V_NG)[:, None] & tmask[None, :],
                              other=0.0).to(V_DT)
                 zacc = _mma(zt, pv, zacc * alpha[None, :], V_IEEE)
@@ -683,6 +685,22 @@ class DecodeConfig:
     maxnreg: int = 0
     merge_block: int = 64
     v_lanes: int = -1
+
+    def __post_init__(self) -> None:
+        # tile sizes become tl.arange extents and dot shapes: powers of two (the row-group sums need >= 8 rows, the
+        # dots >= 16); checked here so that a bad value is one clear line, not a compiler error
+        def pow2(x: int) -> bool:
+            return x > 0 and x & (x - 1) == 0
+
+        bad = [f"{k}={v}" for k, v, ok in (
+            ("block_n", self.block_n, self.block_n == 0 or (pow2(self.block_n) and self.block_n >= 16)),
+            ("block_f", self.block_f, pow2(self.block_f) and self.block_f >= 16),
+            ("merge_block", self.merge_block, pow2(self.merge_block)),
+            ("v_lanes", self.v_lanes, self.v_lanes in (-1, 0) or (pow2(self.v_lanes) and self.v_lanes >= 8)),
+        ) if not ok]
+        if bad:
+            raise ValueError(f"DecodeConfig: {', '.join(bad)} (block_n: 0 or a power of two >= 16; block_f: a power "
+                             "of two >= 16; merge_block: a power of two; v_lanes: -1, 0 or a power of two >= 8)")
 
     @classmethod
     def from_env(cls) -> Self:
@@ -906,10 +924,9 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         # no graphs to replay off the GPU: take the real lengths (a host read) and run the ordinary path
         n_quant, n_fp = (int(x) for x in lens.tolist())
         lens = None
-    if backend != "torch" and v_fmt.kind == "kivi" and -(-d // v_fmt.group) > 16:
-        # the kernel sums the values' zeros of at most 16 channel groups per head
+    if backend != "torch" and v_fmt.kind == "kivi" and -(-d // v_fmt.group) > _KIVI_VGROUPS:
         warnings.warn(f"decode_attention: kivi values with {-(-d // v_fmt.group)} channel groups per head (more "
-                      "than 16); using the (slow) PyTorch path", stacklevel=2)
+                      f"than {_KIVI_VGROUPS}); using the (slow) PyTorch path", stacklevel=2)
         backend = "torch"
     if backend != "torch" and not (_word_readable(k_fmt, k_store) and _word_readable(v_fmt, v_store)):
         # head_dim * bits / 8 not a multiple of 4 (head_dim not a multiple of 16 at 2 bits): no fused kernel

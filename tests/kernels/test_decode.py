@@ -255,3 +255,13 @@ def test_bad_input() -> None:
     bad[5] = 10_000  # n_quant beyond the store's capacity
     with pytest.raises(ValueError, match="capacity"):
         decode_attention(*bad, **kw)
+
+
+def test_bad_decode_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Launch settings that cannot compile (tile sizes are arange extents and dot shapes) fail in one clear line."""
+    for kw in ({"merge_block": 10}, {"v_lanes": 4}, {"block_n": 24}, {"block_f": 8}):
+        with pytest.raises(ValueError, match=f"DecodeConfig: {next(iter(kw))}="):
+            dmod.DecodeConfig(**kw)
+    monkeypatch.setenv("KVCOMPILE_DECODE_CONFIG", "merge_block=3")
+    with pytest.raises(ValueError, match="bad KVCOMPILE_DECODE_CONFIG"):
+        dmod.DecodeConfig.from_env()
