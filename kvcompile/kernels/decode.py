@@ -63,6 +63,7 @@ from torch import Tensor
 
 from kvcompile import formats
 from kvcompile.formats import KVFormat
+from kvcompile.kernels import decode_gluon
 from kvcompile.kernels._backend import backend_for, jit, next_pow2, num_sms, tl
 from kvcompile.kernels.quantize import check_store, token_rows
 
@@ -633,28 +634,39 @@ def _decode_split_kernel(
 
 @jit
 def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, sob, soh, Hq, G, n_slots,
-                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, S_BLOCK: tl.constexpr):
-    """out[b, hq] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the partials of one query head."""
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """out[b, hq] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the partials of one query head.
+
+    One pass with a running maximum: the maxima, sums and accumulators of a block of partials are loaded together,
+    so each block costs one round trip to memory (the kernel is pure latency: a few KB per program). PDL: launched
+    as a programmatic dependent of the split kernel (which lets it launch before its last programs end), so it
+    first waits for that grid's results.
+    """
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     b = pid // Hq
     hq = pid % Hq
     base = (b * (Hq // G) + hq // G) * n_slots  # first partial slot of this (batch, KV head)
     g = hq % G
-    s_all = tl.arange(0, S_PAD)
-    m_max = tl.max(tl.load(pm_ptr + (base + s_all) * G + g, mask=s_all < n_slots, other=_NEG), axis=0)
     d = tl.arange(0, D_PAD)
     acc = tl.zeros([D_PAD], tl.float32)
     den = tl.zeros([S_BLOCK], tl.float32)
-    for s0 in range(0, n_slots, S_BLOCK):  # in chunks: a long context can have hundreds of splits
+    m_run = tl.max(tl.full([S_BLOCK], _NEG, tl.float32), axis=0)  # the running maximum (a scalar)
+    for s0 in range(0, n_slots, S_BLOCK):  # in blocks: a long context can have hundreds of splits
         s = s0 + tl.arange(0, S_BLOCK)
         smask = s < n_slots
         idx = (base + s) * G + g
-        w = tl.exp2(tl.load(pm_ptr + idx, mask=smask, other=_NEG) - m_max)
-        w = tl.where(smask, w, 0.0)
-        den += w * tl.load(pl_ptr + idx, mask=smask, other=0.0)
+        m = tl.load(pm_ptr + idx, mask=smask, other=_NEG)
+        lv = tl.load(pl_ptr + idx, mask=smask, other=0.0)
         part = tl.load(pacc_ptr + idx[:, None] * HEAD_DIM + d[None, :],
                        mask=smask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * part, axis=0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        keep = tl.exp2(m_run - m_new)
+        w = tl.where(smask, tl.exp2(m - m_new), 0.0)
+        den = den * keep + w * lv
+        acc = acc * keep + tl.sum(w[:, None] * part, axis=0)
+        m_run = m_new
     total = tl.sum(den, axis=0)
     o = acc / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + b.to(tl.int64) * sob + hq * soh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
@@ -673,7 +685,9 @@ class DecodeConfig:
     (0 = the compiler's choice). ``merge_block``: partials the merge kernel combines per step (64: with 16, a long
     context on few KV heads spent several serial steps merging; H200, batch 1, 32k, nsep-2: Qwen2.5-1.5B shape 21.1 ->
     17.7 us, Llama-3-8B shape 25.0 -> 21.9 us, ``results/h200_v5_b1_merge*.log``). ``v_lanes``: lanes per
-    shared-memory row of the packed value tiles, -1 = by row size (see :meth:`v_lanes_for`).
+    shared-memory row of the packed value tiles, -1 = by row size (see :meth:`v_lanes_for`). ``gluon``: -1 = run the
+    quantized splits with the Gluon loop of :mod:`kvcompile.kernels.decode_gluon` wherever it applies, 0 = always
+    the Triton kernel. ``gluon_stages``: copy stages of the Gluon loop's tiles (2 measured best, see its module).
     """
 
     block_n: int = 0
@@ -685,6 +699,8 @@ class DecodeConfig:
     maxnreg: int = 0
     merge_block: int = 64
     v_lanes: int = -1
+    gluon: int = -1
+    gluon_stages: int = 2
 
     def __post_init__(self) -> None:
         # tile sizes become tl.arange extents and dot shapes: powers of two (the row-group sums need >= 8 rows, the
@@ -697,10 +713,13 @@ class DecodeConfig:
             ("block_f", self.block_f, pow2(self.block_f) and self.block_f >= 16),
             ("merge_block", self.merge_block, pow2(self.merge_block)),
             ("v_lanes", self.v_lanes, self.v_lanes in (-1, 0) or (pow2(self.v_lanes) and self.v_lanes >= 8)),
+            ("gluon", self.gluon, self.gluon in (-1, 0)),
+            ("gluon_stages", self.gluon_stages, self.gluon_stages >= 2),
         ) if not ok]
         if bad:
             raise ValueError(f"DecodeConfig: {', '.join(bad)} (block_n: 0 or a power of two >= 16; block_f: a power "
-                             "of two >= 16; merge_block: a power of two; v_lanes: -1, 0 or a power of two >= 8)")
+                             "of two >= 16; merge_block: a power of two; v_lanes: -1, 0 or a power of two >= 8; "
+                             "gluon: -1 or 0; gluon_stages: >= 2)")
 
     @classmethod
     def from_env(cls) -> Self:
@@ -958,12 +977,16 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         num_splits = -(-n_quant // chunk)  # drops splits that the rounding left empty
     else:
         num_splits = 0
-    has_fp = n_fp > 0
-    n_slots = num_splits + int(has_fp)
-    direct = n_slots == 1 and lens is None  # device lengths: a program cannot know it is alone, always merge
-
     k_data, ka, kb, kms, kc = _source(k_fmt, k_store, q, backend)
     v_data, va, vb, vms, vc = _source(v_fmt, v_store, q, backend)
+    # the Gluon kernel (decode_gluon) serves packed nsep/int-token splits where it applies; it always writes partials
+    use_gluon = (num_splits > 0 and backend == "triton" and cfg.gluon != 0 and block_n == decode_gluon.BLOCK_N
+                 and vc["KIND"] == _SYM and kc["KIND"] == _SYM
+                 and decode_gluon.supported(q, k_fmt, v_fmt, k_data, v_data, ka, va, fp_k, fp_v, d, G, softcap))
+    has_fp = n_fp > 0
+    n_slots = num_splits + (decode_gluon.fp_splits(n_fp) if use_gluon else int(has_fp))
+    # device lengths: a program cannot know it is alone, always merge
+    direct = n_slots == 1 and lens is None and not use_gluon
     if vc["KIND"] != _FP:
         vc["MP"] = max(vc["MP"], 32)  # the values' dots have MP/2 rows (_load_lanes_t): 16 at least for tl.dot
     dummy = q  # stands in for pointers a configuration never reads
@@ -987,33 +1010,38 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         if t.stride(-1) != 1:
             raise ValueError("decode_attention needs tensors whose last axis is contiguous")
 
-    grid = (B * Hkv, n_slots)
-    kernel = _decode_split_kernel[grid](
-        q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
-        k_data, *k_data.stride()[:3], ka, kb, *kms, ks,
-        v_data, *v_data.stride()[:3], va, vb, *vms, vs,
-        fp_k, *fp_k.stride()[:3], fp_v, *fp_v.stride()[:3],
-        pm, pl, pacc, start, lens if lens is not None else start,
-        Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, float(qscale), float(capscale),
-        HEAD_DIM=d, G_PAD=g_pad, BLOCK_N=block_n, BLOCK_F=cfg.block_f,
-        K_KIND=kc["KIND"], K_BITS=kc["BITS"], K_GROUP=kc["GROUP"], K_P=kc["P"], K_MP=kc["MP"],
-        K_NSEP=kc["NSEP"], K_DT=kc["DT"],
-        V_KIND=vc["KIND"], V_BITS=vc["BITS"], V_GROUP=vc["GROUP"], V_P=vc["P"], V_MP=vc["MP"],
-        V_NSEP=vc["NSEP"], V_DT=vc["DT"],
-        F_MP=next_pow2(d), FK_DT=fk_dt, FV_DT=fv_dt,
-        HAS_QUANT=num_splits > 0, HAS_FP=has_fp, HAS_START=seq_start is not None, HAS_SOFTCAP=bool(softcap),
-        DIRECT=direct, DEV_LENS=lens is not None, K_ROW16=_rows16(kc["KIND"], k_data),
-        V_ROW16=_rows16(vc["KIND"], v_data), V_LB=cfg.v_lanes_for(vc["MP"]),
-        num_warps=num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
-    )
+    if use_gluon:
+        kernel = decode_gluon.launch(
+            q, k_data, ka, ks, v_data, va, vs, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv, G, n_quant, n_fp, n_sinks,
+            chunk, num_splits, qscale, kc["NSEP"], vc["NSEP"], kc["BITS"], vc["BITS"], seq_start is not None,
+            cfg.gluon_stages, cfg.maxnreg)
+        num_warps = 1
+    else:
+        kernel = _decode_split_kernel[(B * Hkv, n_slots)](
+            q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
+            k_data, *k_data.stride()[:3], ka, kb, *kms, ks,
+            v_data, *v_data.stride()[:3], va, vb, *vms, vs,
+            fp_k, *fp_k.stride()[:3], fp_v, *fp_v.stride()[:3],
+            pm, pl, pacc, start, lens if lens is not None else start,
+            Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, float(qscale), float(capscale),
+            HEAD_DIM=d, G_PAD=g_pad, BLOCK_N=block_n, BLOCK_F=cfg.block_f,
+            K_KIND=kc["KIND"], K_BITS=kc["BITS"], K_GROUP=kc["GROUP"], K_P=kc["P"], K_MP=kc["MP"],
+            K_NSEP=kc["NSEP"], K_DT=kc["DT"],
+            V_KIND=vc["KIND"], V_BITS=vc["BITS"], V_GROUP=vc["GROUP"], V_P=vc["P"], V_MP=vc["MP"],
+            V_NSEP=vc["NSEP"], V_DT=vc["DT"],
+            F_MP=next_pow2(d), FK_DT=fk_dt, FV_DT=fv_dt,
+            HAS_QUANT=num_splits > 0, HAS_FP=has_fp, HAS_START=seq_start is not None, HAS_SOFTCAP=bool(softcap),
+            DIRECT=direct, DEV_LENS=lens is not None, K_ROW16=_rows16(kc["KIND"], k_data),
+            V_ROW16=_rows16(vc["KIND"], v_data), V_LB=cfg.v_lanes_for(vc["MP"]),
+            num_warps=num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+        )
     if backend == "triton" and occ_key not in _OCCUPANCY:
         _OCCUPANCY[occ_key] = _ctas_per_sm(kernel, num_warps, q.device.index or 0, cfg.slots_per_sm(num_warps))
     if not direct:
         _merge_kernel[(B * Hq,)](
             pm, pl, pacc, out, out.stride(0), out.stride(1), Hq, G, n_slots,
-            HEAD_DIM=d, D_PAD=next_pow2(d), S_PAD=next_pow2(n_slots),
-            S_BLOCK=min(cfg.merge_block, next_pow2(n_slots)),
-            num_warps=4,
+            HEAD_DIM=d, D_PAD=next_pow2(d), S_BLOCK=min(cfg.merge_block, next_pow2(n_slots)), PDL=use_gluon,
+            num_warps=4, **({"launch_pdl": True} if use_gluon else {}),
         )
     return out
 

@@ -39,6 +39,7 @@ class Case:
     seq_start: tuple[int, ...] | None = None
     softcap: float | None = None
     splits: int | None = None
+    cap: int | None = None  # quantized store capacity (default n_quant + 64)
 
     def __str__(self) -> str:
         dt = str(self.dtype).removeprefix("torch.")
@@ -71,7 +72,7 @@ def build(c: Case, seed: int = 0) -> tuple[tuple, dict]:
     # static scales calibrated on separate tokens of the same distribution
     ks = calibrated_scale(kv_like(c.B, c.Hkv, 64, c.d, seed=seed + 6), c.k.bits) if c.k.kind == "nsep" else None
     vs = calibrated_scale(kv_like(c.B, c.Hkv, 64, c.d, seed=seed + 7), c.v.bits) if c.v.kind == "nsep" else None
-    cap = c.n_quant + 64
+    cap = c.cap or c.n_quant + 64
     k_store = _store(kq, c.k, "k", ks, cap)
     v_store = _store(vq, c.v, "v", vs, cap)
     fcap = c.n_fp + 5
@@ -175,6 +176,8 @@ def test_no_keys_gives_zeros() -> None:
 def test_split_count_does_not_change_the_result() -> None:
     args, kw = build(Case(NSEP4, NSEP4, d=64, G=4, B=1, n_quant=260, n_fp=5, sinks=2))
     outs = [decode_attention(*args, **kw, num_splits=s) for s in (1, 3)]
+    # the merge in blocks of 2 partials (its running maximum carried across blocks): 5 splits + the fp16 slots
+    outs.append(dmod._decode(*args, **kw, num_splits=5, config=dmod.DecodeConfig(merge_block=2)))
     for o in outs[1:]:
         # fp32 sums in another order; the values offset is removed after the sums (cancellation of ~3 bits)
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5 * outs[0].abs().max().item())

@@ -1,0 +1,555 @@
+"""Decode attention's quantized loop written in Gluon: packed K/V read straight into tensor-core registers.
+
+The Triton kernel of :mod:`kvcompile.kernels.decode` leaves two costs that its language cannot remove (Nsight
+Compute on an H200, ``benchmarks/RESULTS.md`` §1a′): every packed tile goes global -> shared memory -> registers
+(the shared-memory pipe is the contended resource: 31 % of the stalls wait on it), and the query's loop-invariant
+MMA operand is re-read from shared memory in every iteration. Gluon (``triton.experimental.gluon``) lets a kernel
+state each tensor's register layout, so here:
+
+* **keys** are loaded as 32-bit words in a layout chosen so that, after the bit-slice masking of
+  :func:`kvcompile.kernels.decode._unpack`, every thread already holds exactly its part of the MMA's A operand
+  (tokens are the M dimension, the reduction runs over code slots). The slot order is free, as long as the query
+  is gathered in the same order: a thread loads ``KS`` consecutive words of a token row (one 8- or 16-byte load),
+  and word ``KS*c + ks`` of lane group ``c`` feeds k-step ``ks``. No shared memory, no shuffles.
+* **values** are the A operand of ``O^T[channels, G] += V^T[channels, tokens] P^T[tokens, G]``: each 32-bit register
+  of that operand pairs two *tokens* of one channel. A thread loads the same words of two neighbouring tokens and
+  joins their 16-bit lanes with byte permutes (``x01 = lanes 0`` and ``x23 = lanes 1`` of both tokens); masking then
+  gives the operand directly. The rows (channels) come out in a permuted order, undone when the output is stored.
+* the **query** operand is made once per program and stays in registers.
+* tiles are prefetched one iteration ahead into registers (plain loads, no asynchronous copies).
+
+Only the softmax weights change layout inside the loop (MMA accumulator -> B operand, 1 KB per tile).
+
+Scope: nsep / int-token keys and values of 2 or 4 bits at head_dim 128, up to 8 query heads per KV head, fp16 or
+bf16 queries, no soft-capping. The program grid covers the quantized splits only; the host runs the fp16 slots
+(sinks and tail) with the Triton kernel into the same partial buffers, and the same merge. The math, the stored
+layout and the partials are those of :mod:`kvcompile.kernels.decode`, whose docstring explains the code offsets and
+the fp16-subnormal unpacking. Gluon has no interpreter: this path runs only on CUDA GPUs; the tests compare it with
+the reference there (``pytest -m gpu``) and compile it for sm_90 on the CPU machine.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+try:  # Gluon is experimental and versioned with Triton; without it the Triton kernel serves every case
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+    # Triton 3.6 calls the asynchronous copy async_copy_global_to_shared; later versions async_load
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed after 3.6 too
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+__all__ = ["FP_CHUNK", "HAVE_GLUON", "fp_splits", "gluon_layouts", "launch", "supported"]
+
+BLOCK_N = 64  # tokens per loop step: the M dimension of four 16-row MMA tiles, one warp
+FP_CHUNK = 32  # fp16 slots per program (sinks + tail: 100-200 slots go to several short programs)
+G_PAD = 8  # query heads per KV head, padded: the MMA's N dimension
+HEAD_DIM = 128
+
+
+def _mma_layout():
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+
+
+def _k_words_layout(bits: int):
+    """[BLOCK_N, m/4] words of the key rows: lane ``4R + c`` holds rows ``R + 8hf + 16mt`` and words
+    ``KS*c + ks`` (ks in registers, contiguous: one vector load)."""
+    m = HEAD_DIM * bits // 8
+    ks = m // 16  # k-steps of 16 slots per bit-slice
+    reg = [[0, 1 << i] for i in range(ks.bit_length() - 1)] + [[8, 0], [16, 0], [32, 0]]
+    lane = [[0, ks], [0, 2 * ks], [1, 0], [2, 0], [4, 0]]
+    return gl.DistributedLinearLayout(reg, lane, [], [], [BLOCK_N, m // 4])
+
+
+def _v_words_layout(bits: int):
+    """[BLOCK_N, m/4] words of the value rows: lane ``4R + c`` holds tokens ``8a + 4e + c`` (a, e in registers) and
+    words ``WI*R + wi`` (WI = m/32 words: the rows' bytes of its channel slots). The four lanes c of a row group
+    read four consecutive token rows, so one load instruction covers a contiguous span (no shared-memory bank
+    conflicts); the values' dot then runs over the tokens in the order ``8a + 2c + e`` (see :func:`_p_operand`)."""
+    m = HEAD_DIM * bits // 8
+    wi = m // 32
+    reg = [[0, 1 << i] for i in range(wi.bit_length() - 1)] + [[4, 0], [8, 0], [16, 0], [32, 0]]
+    lane = [[1, 0], [2, 0], [0, wi], [0, 2 * wi], [0, 4 * wi]]
+    return gl.DistributedLinearLayout(reg, lane, [], [], [BLOCK_N, m // 4])
+
+
+def _copy_layout(bits: int):
+    """[BLOCK_N, m/4] words as the asynchronous copies move them: 16 bytes per lane, consecutive lanes along a row."""
+    nw = HEAD_DIM * bits // 32
+    return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[128 // nw, nw // 4], warps_per_cta=[1, 1],
+                            order=[1, 0])
+
+
+@cache
+def gluon_layouts(k_bits: int, v_bits: int) -> dict:
+    """The constexpr layouts of one specialisation (built on the host: Gluon layouts are plain dataclasses)."""
+    mma = _mma_layout()
+    return dict(
+        MMA=mma,
+        KW=_k_words_layout(k_bits),
+        VW=_v_words_layout(v_bits),
+        OPA=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
+        OPB=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2),
+        BL=gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[4, 8], warps_per_cta=[1, 1], order=[1, 0]),
+        RL=gl.BlockedLayout(size_per_thread=[1, 2], threads_per_warp=[32, 1], warps_per_cta=[1, 1], order=[1, 0]),
+        KC=_copy_layout(k_bits),
+        VC=_copy_layout(v_bits),
+        SM3=gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]),
+        SM2=gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]),
+    )
+
+
+def fp_splits(n_fp: int) -> int:
+    """Programs (partials) per KV head that the fp16 slots take."""
+    return -(-n_fp // FP_CHUNK)
+
+
+if HAVE_GLUON:
+    _TWO24 = gl.constexpr(16777216.0)
+    _FP_CHUNK = gl.constexpr(FP_CHUNK)
+    _NEG = gl.constexpr(-1.0e30)
+
+    @gluon.jit
+    def _launch_dependents():
+        """Programmatic dependent launch: let the next kernel (the merge) launch once every program got here."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _half(x, HI: gl.constexpr):
+        """The low or high 16 bits of uint32 words, read as fp16 (the masked codes are fp16 subnormals)."""
+        if HI:
+            x = x >> 16
+        return x.to(gl.uint16).to(gl.float16, bitcast=True)
+
+    @gluon.jit
+    def _k_operand(kw, SL: gl.constexpr, BITS: gl.constexpr, OPA: gl.constexpr):
+        """Bit-slice SL of the key words [BLOCK_N, m/4] -> the MMA A operand [BLOCK_N, m] (fp16 codes * 2^(SL*BITS-24)),
+        slot ``16ks + 8h + 2c + e`` = byte ``h + 2e`` of word ``KS*c + ks`` (see :func:`k_slot_channels`)."""
+        N: gl.constexpr = kw.shape[0]
+        NW: gl.constexpr = kw.shape[1]
+        KS: gl.constexpr = NW // 4
+        MASK: gl.constexpr = (((1 << BITS) - 1) << (SL * BITS)) * 0x10001
+        y0 = kw & MASK  # bytes 0 and 2
+        y1 = (kw >> 8) & MASK  # bytes 1 and 3
+        j = gl.join(gl.join(_half(y0, False), _half(y0, True)), gl.join(_half(y1, False), _half(y1, True)))
+        j = gl.reshape(j, [N, 4, KS, 2, 2])  # [token, c, ks, e, h]
+        j = gl.permute(j, [0, 2, 4, 1, 3])  # [token, ks, h, c, e]
+        return gl.convert_layout(gl.reshape(j, [N, NW * 4]), OPA)
+
+    @gluon.jit
+    def _v_pairs(vw):
+        """Value words [BLOCK_N, m/4] -> (lane 0, lane 1) of the tokens ``8a + c`` and ``8a + 4 + c`` joined per word:
+        [BLOCK_N/2, m/4] each (pair ``4a + c``), the low half from the first."""
+        N: gl.constexpr = vw.shape[0]
+        NW: gl.constexpr = vw.shape[1]
+        a, b = gl.split(gl.permute(gl.reshape(vw, [N // 8, 2, 4, NW]), [0, 2, 3, 1]))
+        a = gl.reshape(a, [N // 2, NW])
+        b = gl.reshape(b, [N // 2, NW])
+        x01 = (a & 0xFFFF) | (b << 16)
+        x23 = (a >> 16) | ((b >> 16) << 16)
+        return x01, x23
+
+    @gluon.jit
+    def _v_operand(x01, x23, SL: gl.constexpr, BITS: gl.constexpr, OPA: gl.constexpr):
+        """Bit-slice SL of the joined value lanes -> the MMA A operand [m, BLOCK_N] (channel slots x tokens); row
+        ``R + 8 bp0 + 16 bp1 + 32 wi`` = byte ``4 (WI R + wi) + bp`` of the rows (see :func:`v_row_channels`)."""
+        NP: gl.constexpr = x01.shape[0]
+        NW: gl.constexpr = x01.shape[1]
+        MASK: gl.constexpr = (((1 << BITS) - 1) << (SL * BITS)) * 0x10001
+        b0 = x01 & MASK
+        b1 = (x01 >> 8) & MASK
+        b2 = x23 & MASK
+        b3 = (x23 >> 8) & MASK
+        e0 = gl.join(_half(b0, False), _half(b0, True))  # [pair, word, e]
+        e1 = gl.join(_half(b1, False), _half(b1, True))
+        e2 = gl.join(_half(b2, False), _half(b2, True))
+        e3 = gl.join(_half(b3, False), _half(b3, True))
+        j = gl.join(gl.join(e0, e1), gl.join(e2, e3))  # [pair, word, e, bp0, bp1]
+        if NW == 16:
+            j = gl.reshape(j, [NP, 8, 2, 2, 2, 2])  # [pair, R, wi, e, bp0, bp1]
+            j = gl.permute(j, [2, 5, 4, 1, 0, 3])  # [wi, bp1, bp0, R, pair, e]
+        else:
+            j = gl.permute(j, [4, 3, 1, 0, 2])  # [bp1, bp0, R, pair, e]
+        return gl.convert_layout(gl.reshape(j, [NW * 4, 2 * NP]), OPA)
+
+    @gluon.jit
+    def _p_operand(p, OPB: gl.constexpr):
+        """Softmax weights [BLOCK_N, G] (rows = tokens) -> the values' B operand, rows in the dot's token order
+        ``8a + 2c + e`` for token ``8a + 4e + c`` (see :func:`_v_words_layout`)."""
+        N: gl.constexpr = p.shape[0]
+        G: gl.constexpr = p.shape[1]
+        p = gl.reshape(gl.permute(gl.reshape(p, [N // 8, 2, 4, G]), [0, 2, 1, 3]), [N, G])
+        return gl.convert_layout(p, OPB)
+
+    @gluon.jit
+    def _rows8(x):
+        """[BLOCK_N, G] -> [8, G]: sums over rows i, i+8, ...: in-thread in the MMA accumulator layout."""
+        return gl.sum(gl.reshape(x, [x.shape[0] // 8, 8, x.shape[1]]), axis=0)
+
+    @gluon.jit
+    def _scale_cols(x, alpha):
+        """x [R, G] * alpha [G] (a per-column rescale), alpha moved to x's column layout (same threads)."""
+        return x * gl.convert_layout(alpha, gl.SliceLayout(0, x.type.layout))[None, :]
+
+    @gluon.jit
+    def _q_operand(q_ptr, sqh, ks_ptr, qscale, G, SL: gl.constexpr, BITS: gl.constexpr, NSEP: gl.constexpr,
+                   BL: gl.constexpr):
+        """Slice SL of the query [m, G_PAD] (fp32, slot order of :func:`_k_operand`), times the softmax scale and
+        the nsep key scale."""
+        M: gl.constexpr = 128 * BITS // 8
+        KS: gl.constexpr = M // 16
+        s = gl.arange(0, M, layout=gl.SliceLayout(1, BL))
+        chan = SL * M + 4 * (KS * ((s >> 1) & 3) + (s >> 4)) + ((s >> 3) & 1) + 2 * (s & 1)
+        g = gl.arange(0, 8, layout=gl.SliceLayout(0, BL))
+        qt = gl.load(q_ptr + g[None, :] * sqh + chan[:, None], mask=(g < G)[None, :], other=0.0)
+        qt = qt.to(gl.float32) * qscale
+        if NSEP:
+            qt = qt * gl.load(ks_ptr + chan)[:, None]
+        return qt
+
+    @gluon.jit
+    def _store_out(acc, prs, SL: gl.constexpr, BITS: gl.constexpr, MID: gl.constexpr, NSEP: gl.constexpr, vs_ptr,
+                   pacc_ptr, G, MMA: gl.constexpr):
+        """Partial output of value slice SL: acc [m, G_PAD] in the row order of :func:`_v_operand`."""
+        M: gl.constexpr = 128 * BITS // 8
+        WI: gl.constexpr = M // 32
+        row = gl.arange(0, M, layout=gl.SliceLayout(1, MMA))
+        # row = R + 8 bp0 + 16 bp1 (+ 32 wi): byte 4 (WI R + wi) + bp0 + 2 bp1 of the row
+        r_ = row & 7
+        bp = ((row >> 3) & 1) + 2 * ((row >> 4) & 1)
+        wi = row >> 5
+        bi = 4 * (WI * r_ + wi) + bp
+        chan = SL * M + bi
+        acc = acc * (_TWO24 / (1 << (SL * BITS)))
+        if MID:
+            acc = acc * 2.0 - 3.0 * prs[None, :]
+        else:
+            acc = acc - (1 << (BITS - 1)) * prs[None, :]
+        if NSEP:
+            acc = acc * gl.load(vs_ptr + chan)[:, None]
+        g = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+        gl.store(pacc_ptr + g[None, :] * 128 + chan[:, None], acc, mask=(g < G)[None, :] & (chan >= 0)[:, None])
+
+    @gluon.jit
+    def _fp_part(q, sqh, qscale, G, fk, sfkt, fv, sfvt, f_lo, f_hi, n_sinks, n_quant, start, pm, pl, pacc,
+                 HAS_START: gl.constexpr, FDT: gl.constexpr, MMA: gl.constexpr, OPA: gl.constexpr,
+                 OPB: gl.constexpr, BL: gl.constexpr):
+        """fp16/bf16 slots [f_lo, f_hi) (sinks and recent tail: slot j at position j < n_sinks, else n_quant + j),
+        written as one partial. At most FP_CHUNK slots, so a few plain loads, not pipelined: the host gives the slots
+        to several such programs, which keeps them off the critical path."""
+        BF: gl.constexpr = 16
+        # tiles are loaded row-major, 8 bytes per lane, and moved to the operand layouts through shared memory
+        TL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[1, 1],
+                                            order=[1, 0])
+        c = gl.arange(0, 128, layout=gl.SliceLayout(1, BL))
+        g = gl.arange(0, 8, layout=gl.SliceLayout(0, BL))
+        qf = gl.load(q + g[None, :] * sqh + c[:, None], mask=(g < G)[None, :], other=0.0).to(gl.float32) * qscale
+        qf = gl.convert_layout(qf.to(FDT), OPB)
+        lt = gl.arange(0, BF, layout=gl.SliceLayout(1, TL))
+        lc = gl.arange(0, 128, layout=gl.SliceLayout(0, TL))
+        tr0 = gl.arange(0, BF, layout=gl.SliceLayout(1, MMA))
+        m_i = gl.full([8], _NEG, gl.float32, layout=gl.SliceLayout(0, MMA))
+        l_i = gl.zeros([8], gl.float32, layout=gl.SliceLayout(0, MMA))
+        acc = gl.zeros([128, 8], gl.float32, layout=MMA)
+        for j0 in range(f_lo, f_hi, BF):
+            lmask = (j0 + lt < f_hi)[:, None]
+            kk = gl.load(fk + (j0 + lt)[:, None] * sfkt + lc[None, :], mask=lmask, other=0.0)
+            vv = gl.load(fv + (j0 + lt)[:, None] * sfvt + lc[None, :], mask=lmask, other=0.0)
+            s = mma_v2(gl.convert_layout(kk, OPA), qf, gl.zeros([BF, 8], gl.float32, layout=MMA))
+            t = j0 + tr0
+            valid = t < f_hi
+            if HAS_START:
+                valid = valid & (gl.where(t < n_sinks, t, n_quant + t) >= start)
+            s = gl.where(valid[:, None], s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=0))
+            p = gl.exp2(s - m_new[None, :])
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, axis=0)
+            m_i = m_new
+            vv = gl.convert_layout(gl.permute(vv, [1, 0]), OPA)
+            acc = mma_v2(vv, gl.convert_layout(p.to(FDT), OPB), acc * alpha[None, :])
+        _launch_dependents()
+        gm = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+        cm = gl.arange(0, 128, layout=gl.SliceLayout(1, MMA))
+        gl.store(pacc + gm[None, :] * 128 + cm[:, None], acc, mask=(gm < G)[None, :] & (cm >= 0)[:, None])
+        gl.store(pm + gm, m_i, mask=gm < G)
+        gl.store(pl + gm, l_i, mask=gm < G)
+
+    @gluon.jit
+    def _quant_split_kernel(
+        q_ptr, sqb, sqh,
+        k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr,
+        v_ptr, svb, svh, rv_ptr, srvb, srvh, vs_ptr,
+        fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt,
+        pm_ptr, pl_ptr, pacc_ptr, start_ptr, lens_ptr,
+        Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, n_slots, qscale,
+        K_BITS: gl.constexpr, K_NSEP: gl.constexpr, V_BITS: gl.constexpr, V_NSEP: gl.constexpr,
+        HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr, HAS_FP: gl.constexpr,
+        FDT: gl.constexpr,
+        MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
+        BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, SM2: gl.constexpr, KC: gl.constexpr,
+        VC: gl.constexpr,
+    ):
+        """Grid (B * Hkv, n_slots): programs [0, n_slots - num_splits) of a KV head take its fp16 slots, FP_CHUNK each
+        (first, so that short programs are not left for the end of the wave), the others one quantized split each."""
+        pid_bh = gl.program_id(0)
+        sid = gl.program_id(1)
+        n_fsp = n_slots - num_splits
+        if HAS_FP:
+            is_fp = sid < n_fsp
+            fsp = sid
+            sid = sid - n_fsp
+        else:
+            # never true; kept a runtime test because Triton 3.6 fails to lower the kernel without the fp16 branch
+            # (an LLVM assertion in ConvertTritonGPUToLLVM)
+            is_fp = sid < 0
+            fsp = sid
+        b = (pid_bh // Hkv).to(gl.int64)
+        h = pid_bh % Hkv
+        q = q_ptr + b * sqb + (h * G) * sqh
+        start = 0
+        if HAS_START:
+            start = gl.load(start_ptr + b)
+        if DEV_LENS:
+            n_quant = gl.load(lens_ptr)
+            n_fp = gl.load(lens_ptr + 1)
+        if is_fp:
+            part = pid_bh * n_slots + num_splits + fsp
+            f_lo = fsp * _FP_CHUNK
+            # fp strides come divided by 8 (16-byte rows, checked by the host): vector loads
+            _fp_part(q, sqh, qscale, G, fk_ptr + b * (sfkb * 8) + h * (sfkh * 8), sfkt * 8,
+                     fv_ptr + b * (sfvb * 8) + h * (sfvh * 8), sfvt * 8, f_lo,
+                     gl.minimum(f_lo + _FP_CHUNK, n_fp), n_sinks, n_quant, start, pm_ptr + part * G,
+                     pl_ptr + part * G, pacc_ptr + part * (G * 128), HAS_START, FDT, MMA, OPA, OPB, BL)
+        else:
+            _quant_part(q, sqh, k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr, v_ptr, svb, svh, rv_ptr, srvb, srvh,
+                        vs_ptr, pm_ptr, pl_ptr, pacc_ptr, b, h, start, G, n_quant, n_sinks, chunk, num_splits,
+                        pid_bh * n_slots + sid, sid, qscale, K_BITS, K_NSEP, V_BITS, V_NSEP, HAS_START, DEV_LENS,
+                        STAGES, MMA, KW, VW, OPA, OPB, BL, RL, SM3, SM2, KC, VC)
+
+    @gluon.jit
+    def _quant_part(
+        q, sqh,
+        k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr,
+        v_ptr, svb, svh, rv_ptr, srvb, srvh, vs_ptr,
+        pm_ptr, pl_ptr, pacc_ptr, b, h, start,
+        G, n_quant, n_sinks, chunk, num_splits, part, sid, qscale,
+        K_BITS: gl.constexpr, K_NSEP: gl.constexpr, V_BITS: gl.constexpr, V_NSEP: gl.constexpr,
+        HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr,
+        MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
+        BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, SM2: gl.constexpr, KC: gl.constexpr,
+        VC: gl.constexpr,
+    ):
+        """One quantized split: tokens [sid * chunk, ...) of one KV head, for its G query heads."""
+        BN: gl.constexpr = 64
+        K_P: gl.constexpr = 8 // K_BITS
+        V_P: gl.constexpr = 8 // V_BITS
+        K_MID: gl.constexpr = K_NSEP == 2
+        V_MID: gl.constexpr = V_NSEP == 2
+        # token rows are contiguous (checked by the host): the strides are compile-time constants, so every load of
+        # a tile is one per-thread base register plus an immediate offset
+        KNW: gl.constexpr = 128 * K_BITS // 32
+        VNW: gl.constexpr = 128 * V_BITS // 32
+        skt: gl.constexpr = KNW
+        svt: gl.constexpr = VNW
+        if DEV_LENS:
+            chunk = gl.cdiv(gl.cdiv(n_quant, BN), gl.maximum(num_splits, 1)) * BN
+        # the batch/head strides come divided by 4 words / 2 halves (checked by the host), so that the compiler knows
+        # the alignment the asynchronous copies need (16 bytes for the codes, 4 for r)
+        kp = k_ptr + b * (skb * 4) + h * (skh * 4)
+        vp = v_ptr + b * (svb * 4) + h * (svh * 4)
+        rkp = rk_ptr + b * (srkb * 2) + h * (srkh * 2)
+        rvp = rv_ptr + b * (srvb * 2) + h * (srvh * 2)
+        lo = (sid * chunk) // BN * BN  # == sid * chunk (whole tiles); in this form the compiler sees the alignment
+        hi = gl.minimum(lo + chunk, n_quant)
+
+        # ---- offsets of one tile: the copies move 16 bytes per lane along the rows (the operand layouts then read
+        # them back from the row-major stages without bank conflicts)
+        kt = gl.arange(0, BN, layout=gl.SliceLayout(1, KC))
+        kwo = kt[:, None] * skt + gl.arange(0, KNW, layout=gl.SliceLayout(0, KC))[None, :]
+        vt = gl.arange(0, BN, layout=gl.SliceLayout(1, VC))
+        vwo = vt[:, None] * svt + gl.arange(0, VNW, layout=gl.SliceLayout(0, VC))[None, :]
+        # r is copied 4 bytes (two tokens) per lane, the least cp.async moves: as [BN/2, 2] with one mask per pair
+        # (by its first token: the host keeps the capacity even, so the second is always inside the row)
+        rw = gl.arange(0, BN // 2, layout=gl.SliceLayout(1, RL))
+        ro = 2 * rw[:, None] + gl.arange(0, 2, layout=gl.SliceLayout(0, RL))[None, :]
+        tr = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+
+        # ---- STAGES-deep asynchronous copies into shared memory, read back in the operand layouts; the first tiles
+        # are requested before the query is prepared, so that their latency overlaps it
+        ksm = gl.allocate_shared_memory(gl.int32, [STAGES, BN, KNW], SM3)
+        vsm = gl.allocate_shared_memory(gl.int32, [STAGES, BN, VNW], SM3)
+        rksm = gl.allocate_shared_memory(gl.float16, [STAGES, BN // 2, 2], SM3)
+        rvsm = gl.allocate_shared_memory(gl.float16, [STAGES, BN // 2, 2], SM3)
+        for i in gl.static_range(STAGES - 1):
+            n1 = lo + i * BN
+            _async_load(ksm.index(i), kp + n1 * skt + kwo, mask=(n1 + kt < hi)[:, None])
+            _async_load(vsm.index(i), vp + n1 * svt + vwo, mask=(n1 + vt < hi)[:, None])
+            _async_load(rksm.index(i), rkp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
+            _async_load(rvsm.index(i), rvp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
+            async_copy.commit_group()
+        # ---- the query, once: pre-scaled, normalised to a max of 2^14, per slice, as the B operand in registers
+        ksp = ks_ptr + h * 128
+        qk0 = _q_operand(q, sqh, ksp, qscale, G, 0, K_BITS, K_NSEP, BL)
+        qk1 = _q_operand(q, sqh, ksp, qscale, G, 1, K_BITS, K_NSEP, BL)
+        amax = gl.maximum(gl.max(gl.abs(qk0), axis=0), gl.max(gl.abs(qk1), axis=0))
+        if K_P > 2:
+            qk2 = _q_operand(q, sqh, ksp, qscale, G, 2, K_BITS, K_NSEP, BL)
+            qk3 = _q_operand(q, sqh, ksp, qscale, G, 3, K_BITS, K_NSEP, BL)
+            amax = gl.maximum(amax, gl.maximum(gl.max(gl.abs(qk2), axis=0), gl.max(gl.abs(qk3), axis=0)))
+        qnorm = 16384.0 / gl.maximum(gl.max(amax, axis=0), 1e-30)
+        q0 = (qk0 * qnorm).to(gl.float16)
+        q1 = (qk1 * (qnorm / (1 << K_BITS))).to(gl.float16)
+        qoff = gl.sum(q0.to(gl.float32), axis=0) + gl.sum(q1.to(gl.float32), axis=0) * (1 << K_BITS)
+        if K_P > 2:
+            q2 = (qk2 * (qnorm / (1 << (2 * K_BITS)))).to(gl.float16)
+            q3 = (qk3 * (qnorm / (1 << (3 * K_BITS)))).to(gl.float16)
+            qoff += gl.sum(q2.to(gl.float32), axis=0) * (1 << (2 * K_BITS))
+            qoff += gl.sum(q3.to(gl.float32), axis=0) * (1 << (3 * K_BITS))
+            q2 = gl.convert_layout(q2, OPB)
+            q3 = gl.convert_layout(q3, OPB)
+        q0 = gl.convert_layout(q0, OPB)
+        q1 = gl.convert_layout(q1, OPB)
+        if K_MID:
+            qoff = qoff * 1.5
+            rq = 2.0 / qnorm
+        else:
+            qoff = qoff * (1 << (K_BITS - 1))
+            rq = 1.0 / qnorm
+        qoff = gl.convert_layout(qoff, gl.SliceLayout(0, MMA))
+
+        m_i = gl.full([8], _NEG, gl.float32, layout=gl.SliceLayout(0, MMA))
+        # softmax denominator and sum_t p_t r_t as partial sums over row groups, reduced across threads after the loop
+        l8 = _rows8(gl.zeros([BN, 8], gl.float32, layout=MMA))
+        pvs = _rows8(gl.zeros([BN, 8], gl.float32, layout=MMA))
+        acc0 = gl.zeros([128 // V_P, 8], gl.float32, layout=MMA)
+        acc1 = gl.zeros([128 // V_P, 8], gl.float32, layout=MMA)
+        if V_P > 2:
+            acc2 = gl.zeros([128 // V_P, 8], gl.float32, layout=MMA)
+            acc3 = gl.zeros([128 // V_P, 8], gl.float32, layout=MMA)
+
+        ld = 0
+        st = STAGES - 1
+        for n0 in range(lo, hi, BN):
+            # every lane is done reading the stage about to be refilled (r is read back by other lanes)
+            _barrier()
+            n1 = n0 + (STAGES - 1) * BN
+            _async_load(ksm.index(st), kp + n1 * skt + kwo, mask=(n1 + kt < hi)[:, None])
+            _async_load(vsm.index(st), vp + n1 * svt + vwo, mask=(n1 + vt < hi)[:, None])
+            _async_load(rksm.index(st), rkp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
+            _async_load(rvsm.index(st), rvp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
+            async_copy.commit_group()
+            async_copy.wait_group(STAGES - 1)
+            _barrier()
+            kw = ksm.index(ld).load(KW).to(gl.uint32, bitcast=True)
+            rk = rksm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
+
+            s = mma_v2(_k_operand(kw, 0, K_BITS, OPA), q0, gl.zeros([BN, 8], gl.float32, layout=MMA))
+            s = mma_v2(_k_operand(kw, 1, K_BITS, OPA), q1, s)
+            if K_P > 2:
+                s = mma_v2(_k_operand(kw, 2, K_BITS, OPA), q2, s)
+                s = mma_v2(_k_operand(kw, 3, K_BITS, OPA), q3, s)
+            t = n0 + tr
+            s = (s * _TWO24 - qoff[None, :]) * (rk.to(gl.float32) * rq)[:, None]
+            valid = t < hi
+            if HAS_START:
+                valid = valid & (t + n_sinks >= start)
+            s = gl.where(valid[:, None], s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=0))
+            p = gl.exp2(s - m_new[None, :])
+            alpha = gl.exp2(m_i - m_new)
+            l8 = _scale_cols(l8, alpha) + _rows8(p)
+            m_i = m_new
+            rv = rvsm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
+            rv = gl.where(t < hi, rv.to(gl.float32), 0.0)  # a word's second token may lie past the end
+            pv = (p * rv[:, None]).to(gl.float16)
+            pvs = _scale_cols(pvs, alpha) + _rows8(pv.to(gl.float32))
+            pt = _p_operand(pv, OPB)
+
+            vw = vsm.index(ld).load(VW).to(gl.uint32, bitcast=True)
+            x01, x23 = _v_pairs(vw)
+            acc0 = mma_v2(_v_operand(x01, x23, 0, V_BITS, OPA), pt, acc0 * alpha[None, :])
+            acc1 = mma_v2(_v_operand(x01, x23, 1, V_BITS, OPA), pt, acc1 * alpha[None, :])
+            if V_P > 2:
+                acc2 = mma_v2(_v_operand(x01, x23, 2, V_BITS, OPA), pt, acc2 * alpha[None, :])
+                acc3 = mma_v2(_v_operand(x01, x23, 3, V_BITS, OPA), pt, acc3 * alpha[None, :])
+            st = ld
+            ld = gl.where(ld == STAGES - 1, 0, ld + 1)
+        async_copy.wait_group(0)
+        _launch_dependents()  # the merge kernel may start launching (it waits for this grid to finish)
+
+        l_i = gl.convert_layout(gl.sum(l8, axis=0), gl.SliceLayout(0, MMA))
+        prs = gl.convert_layout(gl.sum(pvs, axis=0), gl.SliceLayout(0, MMA))
+        pacc = pacc_ptr + part * (G * 128)
+        vsp = vs_ptr + h * 128
+        _store_out(acc0, prs, 0, V_BITS, V_MID, V_NSEP, vsp, pacc, G, MMA)
+        _store_out(acc1, prs, 1, V_BITS, V_MID, V_NSEP, vsp, pacc, G, MMA)
+        if V_P > 2:
+            _store_out(acc2, prs, 2, V_BITS, V_MID, V_NSEP, vsp, pacc, G, MMA)
+            _store_out(acc3, prs, 3, V_BITS, V_MID, V_NSEP, vsp, pacc, G, MMA)
+        g = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+        gl.store(pm_ptr + part * G + g, m_i, mask=g < G)
+        gl.store(pl_ptr + part * G + g, l_i, mask=g < G)
+
+
+def supported(q, k_fmt, v_fmt, k_data, v_data, k_r, v_r, fp_k, fp_v, d: int, G: int, softcap: float | None) -> bool:
+    """Whether the Gluon loop serves this launch (else the Triton kernel does): see the module docstring's scope."""
+    import torch
+
+    if not (HAVE_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 8):
+        return False
+    if d != HEAD_DIM or G > G_PAD or softcap or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if fp_k.dtype not in (torch.float16, torch.bfloat16) or fp_v.dtype != fp_k.dtype:
+        return False
+    if any(t.data_ptr() % 16 or t.stride(3) != 1 or any(st % 8 for st in t.stride()[:3]) for t in (fp_k, fp_v)):
+        return False
+    for fmt, data, r in ((k_fmt, k_data, k_r), (v_fmt, v_data, v_r)):
+        nw = HEAD_DIM * fmt.bits // 32
+        if fmt.kind not in ("nsep", "int-token") or fmt.bits not in (2, 4):
+            return False
+        # contiguous token rows of whole 16-byte-aligned words, contiguous r: the kernel's strides are constants
+        if (data.dtype != torch.int32 or data.shape[-1] != nw or data.stride(3) != 1 or data.stride(2) != nw
+                or data.data_ptr() % 16 or any(st % 4 for st in data.stride()[:2]) or r.stride(2) != 1
+                or r.dtype != torch.float16 or r.data_ptr() % 4 or any(st % 2 for st in r.stride()[:2])
+                or r.shape[2] % 2):
+            return False
+    return True
+
+
+def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv: int, G: int,
+           n_quant: int, n_fp: int, n_sinks: int, chunk: int, num_splits: int, qscale: float, k_nsep: int,
+           v_nsep: int, k_bits: int, v_bits: int, has_start: bool, stages: int = 3, maxnreg: int = 0):
+    """Run every partial of :func:`kvcompile.kernels.decode._decode`: the quantized splits ``[0, num_splits)`` of each
+    (batch, KV head) and, when ``n_fp > 0``, its fp16 slots in :func:`fp_splits` pieces (slots ``num_splits + j``),
+    into the partial buffers (``pid * n_slots + slot``, ``n_slots = num_splits + fp_splits(n_fp)``). Returns the
+    compiled kernel.
+
+    ``maxnreg`` caps the registers per thread (0: 128 when keys and values are 2-bit, else 168): what the quantized
+    loop needs without spilling. The fp16 slots' programs would raise the whole kernel to ~200 registers and cut the
+    resident programs per SM (2-bit: 16 -> 9); capped, those short programs spill a few registers instead.
+    """
+    import torch
+
+    maxnreg = maxnreg or (128 if k_bits == v_bits == 2 else 168)
+    B = q.shape[0]
+    has_fp = n_fp > 0
+    n_slots = num_splits + fp_splits(n_fp)
+    fdt = gl.bfloat16 if fp_k.dtype == torch.bfloat16 else gl.float16
+    return _quant_split_kernel[(B * Hkv, n_slots)](
+        q, q.stride(0), q.stride(1),
+        k_data, k_data.stride(0) // 4, k_data.stride(1) // 4, k_r, k_r.stride(0) // 2, k_r.stride(1) // 2, k_scale,
+        v_data, v_data.stride(0) // 4, v_data.stride(1) // 4, v_r, v_r.stride(0) // 2, v_r.stride(1) // 2, v_scale,
+        fp_k, *(st // 8 for st in fp_k.stride()[:3]), fp_v, *(st // 8 for st in fp_v.stride()[:3]),
+        pm, pl, pacc, start, lens if lens is not None else start,
+        Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, n_slots, float(qscale),
+        K_BITS=k_bits, K_NSEP=k_nsep, V_BITS=v_bits, V_NSEP=v_nsep,
+        HAS_START=has_start, DEV_LENS=lens is not None, STAGES=stages, HAS_FP=has_fp, FDT=fdt,
+        **gluon_layouts(k_bits, v_bits), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+    )

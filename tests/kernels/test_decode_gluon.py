@@ -1,0 +1,131 @@
+"""The Gluon loop of decode attention (kvcompile/kernels/decode_gluon.py).
+
+Gluon has no interpreter, so on the CPU machine the kernel is compiled for sm_90 (Triton ships ptxas) and checked
+for the property it exists for: in the quantized loop, shared memory holds the copied tiles and nothing else. On a
+GPU (``pytest -m gpu``) its output is checked against the reference with the tolerances of test_decode.py, and shown
+to be the path that actually ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcompile.kernels import decode as dmod
+from kvcompile.kernels import decode_gluon as dg
+from tests.kernels.test_decode import INT2, INT4, NSEP2, NSEP4, TOL, Case, build
+
+needs_gluon = pytest.mark.skipif(not dg.HAVE_GLUON, reason="this Triton has no Gluon")
+
+
+def _compile_sm90(k_bits: int, v_bits: int, has_fp: bool = True):
+    """Compile the kernel as the host would launch it (nsep on both sides) for an H100/H200, without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = dg._quant_split_kernel
+    ptrs = {"q_ptr": "*fp16", "k_ptr": "*i32", "rk_ptr": "*fp16", "ks_ptr": "*fp32", "v_ptr": "*i32",
+            "rv_ptr": "*fp16", "vs_ptr": "*fp32", "fk_ptr": "*fp16", "fv_ptr": "*fp16", "pm_ptr": "*fp32",
+            "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "start_ptr": "*i32", "lens_ptr": "*i32"}
+    const = dict(K_BITS=k_bits, K_NSEP=2 if k_bits == 2 else 1, V_BITS=v_bits, V_NSEP=2 if v_bits == 2 else 1, STAGES=2,
+                 HAS_START=True, DEV_LENS=True, HAS_FP=has_fp, FDT=gl.float16, **dg.gluon_layouts(k_bits, v_bits))
+    sig: dict = {}
+    attrs: dict = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name == "qscale" else "i32"
+    src = GluonASTSource(fn, sig, const, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+
+
+def _compile_report() -> None:  # run in a child process: the tests' TRITON_INTERPRET=1 would break compilation
+    for bits, has_fp in (((4, 4), True), ((2, 2), True), ((4, 2), True), ((4, 2), False)):
+        k = _compile_sm90(*bits, has_fp)
+        ttgir = k.asm["ttgir"]
+        print(json.dumps({"bits": bits, "shared": k.metadata.shared, "converts": ttgir.count("ttg.convert_layout"),
+                          "mma": "mma" in ttgir}))
+
+
+@needs_gluon
+def test_gluon_loop_uses_shared_memory_only_for_its_copies() -> None:
+    """Compiled for sm_90: the shared memory is the tiles' copy stages (2 x 64 tokens of codes and r), plus the small
+    buffer through which the fp16 slots' program converts layouts; the quantized loop converts none through shared
+    memory (its operands are built in registers)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    code = "from tests.kernels.test_decode_gluon import _compile_report as r; r()"
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 4
+    for r in rows:
+        kb, vb = r["bits"]
+        stages = 2 * 64 * (4 * (kb + vb) * 128 // 32 + 2 * 2)  # words of codes + two fp16 r per token
+        # (the fp16 slots' program converts its softmax weights through shared memory: at most [32, 8] fp16)
+        assert stages <= r["shared"] <= stages + 512, \
+            f"bits {r['bits']}: {r['shared']} B of shared memory, the copies need {stages}"
+        assert r["mma"]
+
+
+# odd lengths in stores of even capacity (the runtime's capacities are whole flush blocks); the last tile partial
+GPU_CASES = [
+    Case(NSEP4, NSEP4, G=4, Hkv=2, B=3, n_quant=1000, n_fp=37, sinks=4, dtype=torch.float16, splits=3),
+    Case(NSEP2, NSEP2, G=4, Hkv=2, B=2, n_quant=777, n_fp=9, sinks=4, dtype=torch.float16, splits=None, cap=832),
+    Case(NSEP4, NSEP2, G=7, Hkv=1, B=2, n_quant=300, n_fp=0, sinks=0, dtype=torch.bfloat16, splits=1, cap=300),
+    Case(NSEP2, NSEP4, G=8, Hkv=1, B=2, n_quant=129, n_fp=5, sinks=2, dtype=torch.float16, seq_start=(0, 70),
+         splits=2, cap=130),
+    Case(INT4, INT4, G=6, Hkv=1, B=1, n_quant=190, n_fp=6, sinks=1, dtype=torch.float16, splits=2),
+    Case(INT2, NSEP2, G=3, Hkv=2, B=2, n_quant=64, n_fp=3, sinks=1, dtype=torch.bfloat16, splits=1),
+    Case(NSEP4, INT2, G=1, Hkv=3, B=2, n_quant=4101, n_fp=128, sinks=4, dtype=torch.float16, seq_start=(200, 3),
+         cap=4102),
+]
+
+
+def _cuda(x):
+    if isinstance(x, torch.Tensor):
+        return x.cuda()
+    if isinstance(x, dict):
+        return {k: _cuda(v) for k, v in x.items()}
+    return x
+
+
+@pytest.mark.gpu
+@needs_gluon
+@pytest.mark.parametrize("c", GPU_CASES, ids=str)
+def test_gluon_loop_matches_reference(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    args, kw = build(c)
+    args, kw = tuple(_cuda(a) for a in args), {k: _cuda(v) for k, v in kw.items()}
+    calls = []
+    real = dg.launch
+    monkeypatch.setattr(dg, "launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = dmod.decode_attention(*args, **kw, num_splits=c.splits)
+    assert calls, "the Gluon loop did not run for this case"
+    ref = dmod.decode_attention_reference(*args, **kw)
+    assert not out.isnan().any()
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < TOL[c.dtype], f"relative error {err:.2e} >= {TOL[c.dtype]:.0e}"
+    # the Triton kernel over the same store agrees to rounding
+    tri = dmod._decode(*args, **kw, num_splits=c.splits, config=dmod.DecodeConfig(gluon=0))
+    terr = ((out.float() - tri.float()).norm() / tri.float().norm()).item()
+    assert terr < TOL[c.dtype], terr
+    # lengths on the device (CUDA-graph replay): a launch sized for the capacity gives the same result
+    q, k_store, v_store, kf, vf, n_quant, fp_k, fp_v, n_fp, sinks, scaling = args
+    lens = torch.tensor([n_quant, n_fp], dtype=torch.int32, device="cuda")
+    got = dmod.decode_attention(q, k_store, v_store, kf, vf, k_store["codes"].shape[2], fp_k, fp_v, fp_k.shape[2],
+                                sinks, scaling, **kw, lens=lens)
+    # (another split of the tokens: the same sums in another order, rounded to the output dtype)
+    gerr = ((got.float() - out.float()).norm() / out.float().norm()).item()
+    assert gerr < TOL[c.dtype] * 0.1, gerr
