@@ -963,20 +963,12 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         return out.zero_()
     chunk = 0
     g_pad = max(cfg.min_g_pad, next_pow2(G))
-    k_data, ka, kb, kms, kc = _source(k_fmt, k_store, q, backend)
-    v_data, va, vb, vms, vc = _source(v_fmt, v_store, q, backend)
-    # the Gluon kernel (decode_gluon) serves packed nsep/int-token splits where it applies; it always writes partials
-    use_gluon = (n_quant > 0 and backend == "triton" and cfg.gluon != 0 and block_n == decode_gluon.BLOCK_N
-                 and vc["KIND"] == _SYM and kc["KIND"] == _SYM
-                 and decode_gluon.supported(q, k_fmt, v_fmt, k_data, v_data, ka, va, fp_k, fp_v, d, G, softcap))
     # the launch's compile-time specialisation: programs of one key share registers/shared memory, so occupancy
-    occ_key = (k_fmt, v_fmt, d, g_pad, q.dtype, fp_k.dtype, block_n, num_warps, cfg, use_gluon)
+    occ_key = (k_fmt, v_fmt, d, g_pad, q.dtype, fp_k.dtype, block_n, num_warps, cfg)
     if n_quant:
         if num_splits is None:
             if backend == "triton":
                 slots = num_sms(q.device.index or 0) * _OCCUPANCY.get(occ_key, cfg.slots_per_sm(num_warps))
-                if use_gluon:  # the fp16 slots' short programs share the first wave: leave them their room
-                    slots = max(slots - B * Hkv * decode_gluon.fp_splits(n_fp), slots // 2)
             else:
                 slots = 4
             num_splits = pick_num_splits(n_quant, B * Hkv, block_n, slots)
@@ -985,6 +977,12 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         num_splits = -(-n_quant // chunk)  # drops splits that the rounding left empty
     else:
         num_splits = 0
+    k_data, ka, kb, kms, kc = _source(k_fmt, k_store, q, backend)
+    v_data, va, vb, vms, vc = _source(v_fmt, v_store, q, backend)
+    # the Gluon kernel (decode_gluon) serves packed nsep/int-token splits where it applies; it always writes partials
+    use_gluon = (num_splits > 0 and backend == "triton" and cfg.gluon != 0 and block_n == decode_gluon.BLOCK_N
+                 and vc["KIND"] == _SYM and kc["KIND"] == _SYM
+                 and decode_gluon.supported(q, k_fmt, v_fmt, k_data, v_data, ka, va, fp_k, fp_v, d, G, softcap))
     has_fp = n_fp > 0
     n_slots = num_splits + (decode_gluon.fp_splits(n_fp) if use_gluon else int(has_fp))
     # device lengths: a program cannot know it is alone, always merge

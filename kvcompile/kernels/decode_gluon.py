@@ -260,6 +260,7 @@ if HAVE_GLUON:
         for j0 in range(f_lo, f_hi, BF):
             lmask = (j0 + lt < f_hi)[:, None]
             kk = gl.load(fk + (j0 + lt)[:, None] * sfkt + lc[None, :], mask=lmask, other=0.0)
+            vv = gl.load(fv + (j0 + lt)[:, None] * sfvt + lc[None, :], mask=lmask, other=0.0)
             s = mma_v2(gl.convert_layout(kk, OPA), qf, gl.zeros([BF, 8], gl.float32, layout=MMA))
             t = j0 + tr0
             valid = t < f_hi
@@ -271,7 +272,6 @@ if HAVE_GLUON:
             alpha = gl.exp2(m_i - m_new)
             l_i = l_i * alpha + gl.sum(p, axis=0)
             m_i = m_new
-            vv = gl.load(fv + (j0 + lt)[:, None] * sfvt + lc[None, :], mask=lmask, other=0.0)
             vv = gl.convert_layout(gl.permute(vv, [1, 0]), OPA)
             acc = mma_v2(vv, gl.convert_layout(p.to(FDT), OPB), acc * alpha[None, :])
         _launch_dependents()
