@@ -431,6 +431,13 @@ def main() -> int:
           f"CUDA {torch.version.cuda})")
     hbm = hbm_bandwidth()
     print(f"HBM copy bandwidth (device-to-device copy, read + write): {hbm / 1e9:.0f} GB/s")
+    from kvcompile.kernels import decode as dmod
+    from kvcompile.kernels import decode_gluon
+
+    gluon_on = decode_gluon.HAVE_GLUON and dmod.DecodeConfig.from_env().gluon != 0
+    info["packed_decode"] = "gluon" if gluon_on else "triton"
+    print(f"packed nsep/int-token decode at head_dim 128: {'Gluon' if gluon_on else 'Triton'} split kernel "
+          "(KVCOMPILE_DECODE_CONFIG=gluon=0 selects the Triton one)")
     result: dict = {"env": info, "hbm_copy_gbps": hbm / 1e9, "checks": {}, "decode": [], "quantize": [], "tune": []}
 
     shapes, batches, contexts, dfmts, qfmts = SHAPES, BATCHES, CONTEXTS, DECODE_FORMATS, QUANT_FORMATS

@@ -1,31 +1,38 @@
-"""Decode attention's quantized loop written in Gluon: packed K/V read straight into tensor-core registers.
+"""Decode attention's quantized splits written in Gluon: packed K/V become tensor-core operands in registers.
 
 The Triton kernel of :mod:`kvcompile.kernels.decode` leaves two costs that its language cannot remove (Nsight
-Compute on an H200, ``benchmarks/RESULTS.md`` §1a′): every packed tile goes global -> shared memory -> registers
-(the shared-memory pipe is the contended resource: 31 % of the stalls wait on it), and the query's loop-invariant
-MMA operand is re-read from shared memory in every iteration. Gluon (``triton.experimental.gluon``) lets a kernel
-state each tensor's register layout, so here:
+Compute on an H200, ``benchmarks/RESULTS.md`` §1a′): Triton picks the layouts through which every packed tile goes
+global -> shared memory -> registers (31 % of the stalls wait on shared memory; 64-byte value rows take 4-way bank
+conflicts), and the query's loop-invariant MMA operand is re-read from shared memory in every iteration. Gluon
+(``triton.experimental.gluon``) lets a kernel state each tensor's layout, so here, one warp per program and 64
+tokens per step:
 
-* **keys** are loaded as 32-bit words in a layout chosen so that, after the bit-slice masking of
+* **keys** are read as 32-bit words in a register layout chosen so that, after the bit-slice masking of
   :func:`kvcompile.kernels.decode._unpack`, every thread already holds exactly its part of the MMA's A operand
-  (tokens are the M dimension, the reduction runs over code slots). The slot order is free, as long as the query
-  is gathered in the same order: a thread loads ``KS`` consecutive words of a token row (one 8- or 16-byte load),
-  and word ``KS*c + ks`` of lane group ``c`` feeds k-step ``ks``. No shared memory, no shuffles.
+  (tokens are the M dimension, the reduction runs over code slots). The slot order is free as long as the query is
+  gathered in the same order: lane group ``c`` reads words ``KS*c .. KS*c + KS - 1`` of a token row (one 8- or
+  16-byte read), and word ``KS*c + ks`` feeds k-step ``ks``. No shuffles, no layout conversion.
 * **values** are the A operand of ``O^T[channels, G] += V^T[channels, tokens] P^T[tokens, G]``: each 32-bit register
-  of that operand pairs two *tokens* of one channel. A thread loads the same words of two neighbouring tokens and
-  joins their 16-bit lanes with byte permutes (``x01 = lanes 0`` and ``x23 = lanes 1`` of both tokens); masking then
-  gives the operand directly. The rows (channels) come out in a permuted order, undone when the output is stored.
-* the **query** operand is made once per program and stays in registers.
-* tiles are prefetched one iteration ahead into registers (plain loads, no asynchronous copies).
+  of that operand pairs two *tokens* of one channel. A thread reads the same words of two tokens and joins their
+  16-bit lanes with byte permutes (:func:`_v_pairs`); masking then gives the operand directly. The rows (channels)
+  come out permuted, which the output's store undoes, and the tokens are paired so that the four lanes of a row group
+  read four consecutive rows (no bank conflicts); the softmax weights are permuted to match (:func:`_p_operand`).
+* the **query** operand is built once per program and stays in registers.
+* tiles move global -> shared memory by 16-byte asynchronous copies, ``STAGES`` deep (2: measured best), and are
+  read back in the layouts above. Only the softmax weights change layout inside the loop (by warp shuffles).
+* the **fp16 slots** (sinks and recent tail) are attended to by more programs of the same kernel, ``FP_CHUNK`` slots
+  each, placed first in the grid: one program walking all ~130 slots became the critical path at short contexts.
+* the programs write the partials of :mod:`kvcompile.kernels.decode`, whose merge kernel is launched as their
+  programmatic dependent (it may launch once every program has finished its loop).
 
-Only the softmax weights change layout inside the loop (MMA accumulator -> B operand, 1 KB per tile).
+Measured on an H200 (``benchmarks/RESULTS.md`` §1a″): Llama-3-8B shape, batch 8, 32k: nsep-4 82.9 us, nsep-2 57.9 us
+(Triton kernel 82.4 / 63.6); batch 1 at 4k: 8.0 / 8.4 us (13.0 / 12.2).
 
 Scope: nsep / int-token keys and values of 2 or 4 bits at head_dim 128, up to 8 query heads per KV head, fp16 or
-bf16 queries, no soft-capping. The program grid covers the quantized splits only; the host runs the fp16 slots
-(sinks and tail) with the Triton kernel into the same partial buffers, and the same merge. The math, the stored
-layout and the partials are those of :mod:`kvcompile.kernels.decode`, whose docstring explains the code offsets and
-the fp16-subnormal unpacking. Gluon has no interpreter: this path runs only on CUDA GPUs; the tests compare it with
-the reference there (``pytest -m gpu``) and compile it for sm_90 on the CPU machine.
+bf16 queries and fp16 slots, no soft-capping (:func:`supported`; the rest runs the Triton kernel). The math, the
+stored layout and the partials are those of :mod:`kvcompile.kernels.decode`, whose docstring explains the code
+offsets and the fp16-subnormal unpacking. Gluon has no interpreter: this path runs only on CUDA GPUs; the tests
+compare it with the reference there (``pytest -m gpu``) and compile it for sm_90 on the CPU machine.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ def _mma_layout():
 
 def _k_words_layout(bits: int):
     """[BLOCK_N, m/4] words of the key rows: lane ``4R + c`` holds rows ``R + 8hf + 16mt`` and words
-    ``KS*c + ks`` (ks in registers, contiguous: one vector load)."""
+    ``KS*c + ks`` (ks in registers, contiguous: one vector read of shared memory)."""
     m = HEAD_DIM * bits // 8
     ks = m // 16  # k-steps of 16 slots per bit-slice
     reg = [[0, 1 << i] for i in range(ks.bit_length() - 1)] + [[8, 0], [16, 0], [32, 0]]
@@ -99,8 +106,7 @@ def gluon_layouts(k_bits: int, v_bits: int) -> dict:
         RL=gl.BlockedLayout(size_per_thread=[1, 2], threads_per_warp=[32, 1], warps_per_cta=[1, 1], order=[1, 0]),
         KC=_copy_layout(k_bits),
         VC=_copy_layout(v_bits),
-        SM3=gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]),
-        SM2=gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]),
+        SM3=gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]),  # row-major stages
     )
 
 
@@ -293,7 +299,7 @@ if HAVE_GLUON:
         HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr, HAS_FP: gl.constexpr,
         FDT: gl.constexpr,
         MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
-        BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, SM2: gl.constexpr, KC: gl.constexpr,
+        BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, KC: gl.constexpr,
         VC: gl.constexpr,
     ):
         """Grid (B * Hkv, n_slots): programs [0, n_slots - num_splits) of a KV head take its fp16 slots, FP_CHUNK each
@@ -331,7 +337,7 @@ if HAVE_GLUON:
             _quant_part(q, sqh, k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr, v_ptr, svb, svh, rv_ptr, srvb, srvh,
                         vs_ptr, pm_ptr, pl_ptr, pacc_ptr, b, h, start, G, n_quant, n_sinks, chunk, num_splits,
                         pid_bh * n_slots + sid, sid, qscale, K_BITS, K_NSEP, V_BITS, V_NSEP, HAS_START, DEV_LENS,
-                        STAGES, MMA, KW, VW, OPA, OPB, BL, RL, SM3, SM2, KC, VC)
+                        STAGES, MMA, KW, VW, OPA, OPB, BL, RL, SM3, KC, VC)
 
     @gluon.jit
     def _quant_part(
@@ -343,7 +349,7 @@ if HAVE_GLUON:
         K_BITS: gl.constexpr, K_NSEP: gl.constexpr, V_BITS: gl.constexpr, V_NSEP: gl.constexpr,
         HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr,
         MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
-        BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, SM2: gl.constexpr, KC: gl.constexpr,
+        BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, KC: gl.constexpr,
         VC: gl.constexpr,
     ):
         """One quantized split: tokens [sid * chunk, ...) of one KV head, for its G query heads."""
