@@ -422,6 +422,8 @@ if HAVE_GLUON:
             q3 = gl.convert_layout(q3, OPB)
         q0 = gl.convert_layout(q0, OPB)
         q1 = gl.convert_layout(q1, OPB)
+        # the codes' offset and the score multiplier exactly as in decode._attend (a Gluon kernel cannot call a
+        # Triton helper, so these lines are repeated there)
         if K_MID:
             qoff = qoff * 1.5
             rq = 2.0 / qnorm
