@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_sass.py --format nsep-4                       # the default launch configuration
     python benchmarks/kernel_sass.py --format nsep-2 --config "num_warps=4,block_n=256" --dump /tmp/k
+    python benchmarks/kernel_sass.py --format nsep-4 --gluon               # the Gluon split kernel (Hopper path)
 
 Triton compiles for a target without a GPU present (``GPUTarget("cuda", 90, 32)`` = H100) down to SASS with the
 ``ptxas``/``cuobjdump`` it ships. The launch is taken from the real host code (:func:`kvcompile.kernels.decode._decode`
@@ -16,10 +17,7 @@ Code generation differs between Triton versions: to see what the H100 runs, use 
 from __future__ import annotations
 
 import argparse
-import collections
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,13 +30,17 @@ if str(ROOT) not in sys.path:
 from kvcompile import formats  # noqa: E402
 from kvcompile.formats import KVFormat  # noqa: E402
 from kvcompile.kernels import decode as dec  # noqa: E402
+from kvcompile.kernels import decode_gluon  # noqa: E402
+from kvcompile.kernels.sass import disassemble, loop_histogram, resource_usage  # noqa: E402
 
 _TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
           torch.uint8: "*u8", torch.int64: "*i64"}
 
 
-def capture_launch(fmt: KVFormat, B: int, hq: int, hkv: int, d: int, n: int) -> tuple[tuple, dict]:
-    """Arguments the host code passes to the split kernel for this shape (nothing is launched)."""
+def capture_launch(fmt: KVFormat, B: int, hq: int, hkv: int, d: int, n: int,
+                   gluon: bool = False) -> tuple[tuple, dict]:
+    """Arguments the host code passes to the split kernel for this shape (nothing is launched). ``gluon``: the
+    Gluon kernel's launch (:mod:`kvcompile.kernels.decode_gluon`), as on a Hopper GPU."""
     seen: dict = {}
 
     class Grab:
@@ -52,8 +54,12 @@ def capture_launch(fmt: KVFormat, B: int, hq: int, hkv: int, d: int, n: int) -> 
             return launch
 
     real = (dec._decode_split_kernel, dec._merge_kernel, dec.backend_for, dec.num_sms)
-    dec._decode_split_kernel, dec._merge_kernel = Grab(True), Grab(False)
+    real_g = (decode_gluon._quant_split_kernel, decode_gluon.supported)
+    dec._decode_split_kernel, dec._merge_kernel = Grab(not gluon), Grab(False)
     dec.backend_for, dec.num_sms = (lambda t: "triton"), (lambda i: 132)
+    if gluon:
+        decode_gluon._quant_split_kernel = Grab(True)
+        decode_gluon.supported = lambda *a, **k: True  # the CPU tensors stand for a Hopper GPU's
     try:
         def store(role: str) -> tuple[dict, torch.Tensor]:
             scale = torch.rand(hkv, d) + 0.5
@@ -67,16 +73,22 @@ def capture_launch(fmt: KVFormat, B: int, hq: int, hkv: int, d: int, n: int) -> 
                     kscale if nsep else None, vscale if nsep else None, None, None, None, None)
     finally:
         dec._decode_split_kernel, dec._merge_kernel, dec.backend_for, dec.num_sms = real
+        decode_gluon._quant_split_kernel, decode_gluon.supported = real_g
     return seen["args"], seen["kw"]
 
 
-def compile_for(args: tuple, kw: dict, arch: int):
-    """Compile the split kernel as Triton's JIT would specialise it for these arguments."""
+def compile_for(args: tuple, kw: dict, arch: int, gluon: bool = False):
+    """Compile the split kernel (``gluon``: the Gluon one) as Triton's JIT would specialise it for these arguments."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = dec._decode_split_kernel
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
+
+        fn = decode_gluon._quant_split_kernel
+    else:
+        fn = dec._decode_split_kernel
     sig, const, attrs = {}, {}, {}
     for i, (name, v) in enumerate(zip(fn.arg_names, args, strict=False)):
         if isinstance(v, torch.Tensor):
@@ -101,52 +113,30 @@ def compile_for(args: tuple, kw: dict, arch: int):
     return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32), options=opts), opts
 
 
-def tool(name: str) -> str:
-    import triton
-
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
-
-
-def loop_histogram(sass: str) -> tuple[int, collections.Counter]:
-    """Opcode counts of the longest backward-branch loop that holds tensor-core instructions."""
-    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    best: tuple[int, collections.Counter] = (0, collections.Counter())
-    for addr, text in ins:
-        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < addr:
-            body = [x for a, x in ins if int(target.group(1), 16) <= a <= addr]
-            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body)
-            if (ops["HMMA"] or ops["HGMMA"]) and len(body) > best[0]:
-                best = (len(body), ops)
-    return best
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--format", default="nsep-4", help="K and V format, e.g. nsep-4, nsep-2, int-token-4")
     ap.add_argument("--config", default="", help="KVCOMPILE_DECODE_CONFIG-style overrides, e.g. 'num_warps=4'")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100)")
     ap.add_argument("--dump", metavar="DIR", help="write k.ttgir, k.ptx and k.sass here")
+    ap.add_argument("--gluon", action="store_true", help="the Gluon split kernel (decode_gluon) instead of Triton's")
     a = ap.parse_args()
     os.environ["KVCOMPILE_DECODE_CONFIG"] = a.config
-    args, kw = capture_launch(KVFormat.parse(a.format), 8, 32, 8, 128, 32768)
-    block_n = kw["BLOCK_N"]
-    k, opts = compile_for(args, kw, a.arch)
-    cubin = Path(a.dump or "/tmp") / "kvcompile_decode.cubin"
-    cubin.parent.mkdir(parents=True, exist_ok=True)
-    cubin.write_bytes(k.asm["cubin"])
-    sass = subprocess.run([tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
-                           check=True).stdout.strip().splitlines()[-1]
+    args, kw = capture_launch(KVFormat.parse(a.format), 8, 32, 8, 128, 32768, a.gluon)
+    block_n = decode_gluon.BLOCK_N if a.gluon else kw["BLOCK_N"]
+    k, opts = compile_for(args, kw, a.arch, a.gluon)
+    sass = disassemble(k.asm["cubin"])
+    usage = resource_usage(k.asm["cubin"])
     if a.dump:
+        Path(a.dump).mkdir(parents=True, exist_ok=True)
         for ext in ("ttgir", "ptx"):
             (Path(a.dump) / f"k.{ext}").write_text(k.asm[ext])
         (Path(a.dump) / "k.sass").write_text(sass)
     n, ops = loop_histogram(sass)
     import triton
 
-    print(f"{a.format} block_n={block_n} {opts} sm_{a.arch}, triton {triton.__version__}: "
-          f"shared {k.metadata.shared} B; {usage.strip()}")
+    print(f"{a.format} {'gluon ' if a.gluon else ''}block_n={block_n} {opts} sm_{a.arch}, triton {triton.__version__}: "
+          f"shared {k.metadata.shared} B; {usage}")
     print(f"main loop: {n} instructions per warp per iteration ({block_n // opts['num_warps']} tokens per warp)")
     print("  " + ", ".join(f"{op} {c}" for op, c in ops.most_common(20)))
     return 0

@@ -47,7 +47,7 @@ One query token per sequence attends to ``n_quant`` quantized tokens (read packe
 2. ``_merge_kernel``, grid ``(B * Hq,)``: combines the partials of each query head by log-sum-exp and writes the
    output in the query's dtype. With a single program per KV head the split kernel writes the output itself.
 
-On CUDA GPUs the common case (packed nsep / int-token keys and values of 2 or 4 bits at head_dim 128) runs the split
+On Hopper GPUs the common case (packed nsep / int-token keys and values of 2 or 4 bits at head_dim 128) runs the split
 programs in Gluon instead (:mod:`kvcompile.kernels.decode_gluon`: the same math and partials, operands built in
 registers; on an H200 up to 1.6x faster, and within 1 % at the one measured shape where it is not faster,
 benchmarks/RESULTS.md §1a″); ``_merge_kernel`` is then launched as its programmatic dependent.

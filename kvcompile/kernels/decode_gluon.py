@@ -28,11 +28,12 @@ tokens per step:
 Measured on an H200 (``benchmarks/RESULTS.md`` §1a″): Llama-3-8B shape, batch 8, 32k: nsep-4 82.9 us, nsep-2 57.9 us
 (Triton kernel 82.4 / 63.6); batch 1 at 4k: 8.0 / 8.4 us (13.0 / 12.2).
 
-Scope: nsep / int-token keys and values of 2 or 4 bits at head_dim 128, up to 8 query heads per KV head, fp16 or
-bf16 queries and fp16 slots, no soft-capping (:func:`supported`; the rest runs the Triton kernel). The math, the
-stored layout and the partials are those of :mod:`kvcompile.kernels.decode`, whose docstring explains the code
-offsets and the fp16-subnormal unpacking. Gluon has no interpreter: this path runs only on CUDA GPUs; the tests
-compare it with the reference there (``pytest -m gpu``) and compile it for sm_90 on the CPU machine.
+Scope: Hopper GPUs (sm_90); nsep / int-token keys and values of 2 or 4 bits at head_dim 128, up to 8 query heads per
+KV head, fp16 or bf16 queries and fp16 slots, no soft-capping (:func:`supported`; the rest runs the Triton kernel).
+The math, the stored layout and the partials are those of :mod:`kvcompile.kernels.decode`, whose docstring explains
+the code offsets and the fp16-subnormal unpacking. Gluon has no interpreter: this path runs only on CUDA GPUs; the
+tests compare it with the reference there (``pytest -m gpu``) and compile it for sm_90 on the CPU machine
+(``python benchmarks/kernel_sass.py --gluon --format nsep-4`` prints its main loop's instructions).
 """
 
 from __future__ import annotations
@@ -510,7 +511,8 @@ def supported(q, k_fmt, v_fmt, k_data, v_data, k_r, v_r, fp_k, fp_v, d: int, G: 
     """Whether the Gluon loop serves this launch (else the Triton kernel does): see the module docstring's scope."""
     import torch
 
-    if not (HAVE_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 8):
+    # Hopper only: the kernel was built and measured there (its dependent-launch trigger also needs sm_90 or later)
+    if not (HAVE_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
         return False
     if d != HEAD_DIM or G > G_PAD or softcap or q.dtype not in (torch.float16, torch.bfloat16):
         return False

@@ -8,13 +8,10 @@ to be the path that actually ran.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,31 +52,12 @@ def _compile_sm90(k_bits: int, v_bits: int, has_fp: bool = True):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1, "maxnreg": maxnreg})
 
 
-def _loop_ops(sass: str) -> collections.Counter:
-    """Opcode counts of the loop body (backward branch) holding the most tensor-core instructions."""
-    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    best: collections.Counter = collections.Counter()
-    for addr, text in ins:
-        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < addr:
-            body = [x for a, x in ins if int(target.group(1), 16) <= a <= addr]
-            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body)
-            if ops["HMMA"] > best["HMMA"]:
-                best = ops
-    return best
-
-
 def _compile_report() -> None:  # run in a child process: the tests' TRITON_INTERPRET=1 would break compilation
-    import triton
+    from kvcompile.kernels.sass import disassemble, loop_histogram
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     for bits, has_fp in (((4, 4), True), ((2, 2), True), ((4, 2), True), ((4, 2), False)):
         k = _compile_sm90(*bits, has_fp)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-        ops = _loop_ops(sass)
+        _, ops = loop_histogram(disassemble(k.asm["cubin"]))
         print(json.dumps({"bits": bits, "shared": k.metadata.shared, "hmma": ops["HMMA"], "shfl": ops["SHFL"],
                           "sts": ops["STS"] + ops["STSM"], "ldl": ops["LDL"]}))
 
