@@ -137,7 +137,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _k_operand(kw, SL: gl.constexpr, BITS: gl.constexpr, OPA: gl.constexpr):
         """Bit-slice SL of the key words [BLOCK_N, m/4] -> the MMA A operand [BLOCK_N, m] (fp16 codes * 2^(SL*BITS-24)),
-        slot ``16ks + 8h + 2c + e`` = byte ``h + 2e`` of word ``KS*c + ks`` (see :func:`k_slot_channels`)."""
+        slot ``16ks + 8h + 2c + e`` = byte ``h + 2e`` of word ``KS*c + ks`` (the query is gathered so:
+        :func:`_q_operand`)."""
         N: gl.constexpr = kw.shape[0]
         NW: gl.constexpr = kw.shape[1]
         KS: gl.constexpr = NW // 4
@@ -165,7 +166,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _v_operand(x01, x23, SL: gl.constexpr, BITS: gl.constexpr, OPA: gl.constexpr):
         """Bit-slice SL of the joined value lanes -> the MMA A operand [m, BLOCK_N] (channel slots x tokens); row
-        ``R + 8 bp0 + 16 bp1 + 32 wi`` = byte ``4 (WI R + wi) + bp`` of the rows (see :func:`v_row_channels`)."""
+        ``R + 8 bp0 + 16 bp1 + 32 wi`` = byte ``4 (WI R + wi) + bp`` of the rows (:func:`_store_out` undoes it)."""
         NP: gl.constexpr = x01.shape[0]
         NW: gl.constexpr = x01.shape[1]
         MASK: gl.constexpr = (((1 << BITS) - 1) << (SL * BITS)) * 0x10001
@@ -241,6 +242,7 @@ if HAVE_GLUON:
         if NSEP:
             acc = acc * gl.load(vs_ptr + chan)[:, None]
         g = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+        # (the always-true chan >= 0 only gives the mask the store's 2-D shape)
         gl.store(pacc_ptr + g[None, :] * 128 + chan[:, None], acc, mask=(g < G)[None, :] & (chan >= 0)[:, None])
 
     @gluon.jit
