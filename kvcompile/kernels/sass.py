@@ -14,7 +14,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["cuda_tool", "disassemble", "loop_histogram", "resource_usage"]
+import torch
+
+from kvcompile import formats
+from kvcompile.formats import KVFormat
+from kvcompile.kernels import decode as dec
+from kvcompile.kernels import decode_gluon
+
+__all__ = ["capture_launch", "compile_for", "cuda_tool", "disassemble", "loop_histogram", "resource_usage"]
 
 
 def cuda_tool(name: str) -> str:
@@ -56,3 +63,84 @@ def loop_histogram(sass: str) -> tuple[int, collections.Counter]:
             if mma and (mma, len(body)) > (best[1]["HMMA"] + best[1]["HGMMA"], best[0]):
                 best = (len(body), ops)
     return best
+
+
+_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
+          torch.uint8: "*u8", torch.int64: "*i64"}
+
+
+def capture_launch(k_fmt: KVFormat, v_fmt: KVFormat, B: int, hq: int, hkv: int, d: int, n: int, n_fp: int = 132,
+                   gluon: bool = False) -> tuple[tuple, dict]:
+    """Arguments the host code (:func:`kvcompile.kernels.decode._decode`) passes to the split kernel for this shape,
+    with CPU tensors standing in (nothing is launched). ``gluon``: the Gluon kernel's launch
+    (:mod:`kvcompile.kernels.decode_gluon`), as on a Hopper GPU."""
+    seen: dict = {}
+
+    class Grab:
+        def __init__(self, keep: bool) -> None:
+            self.keep = keep
+
+        def __getitem__(self, grid: tuple):
+            def launch(*args, **kw):
+                if self.keep:
+                    seen["args"], seen["kw"] = args, kw
+            return launch
+
+    real = (dec._decode_split_kernel, dec._merge_kernel, dec.backend_for, dec.num_sms)
+    real_g = (decode_gluon._quant_split_kernel, decode_gluon.supported)
+    dec._decode_split_kernel, dec._merge_kernel = Grab(not gluon), Grab(False)
+    dec.backend_for, dec.num_sms = (lambda t: "triton"), (lambda i: 132)
+    if gluon:
+        decode_gluon._quant_split_kernel = Grab(True)
+        decode_gluon.supported = lambda *a, **k: True  # the CPU tensors stand for a Hopper GPU's
+    try:
+        def store(fmt: KVFormat, role: str) -> tuple[dict, torch.Tensor | None]:
+            scale = torch.rand(hkv, d) + 0.5 if fmt.kind == "nsep" else None
+            qt = formats.quantize(torch.randn(B, hkv, 64, d), fmt, role, scale)
+            return {k: torch.zeros([*t.shape[:2], n, *t.shape[3:]], dtype=t.dtype) for k, t in qt.items()}, scale
+
+        (ks, kscale), (vs, vscale) = store(k_fmt, "k"), store(v_fmt, "v")
+        fk = torch.zeros(B, hkv, 160, d, dtype=torch.float16)
+        dec._decode(torch.randn(B, hq, d, dtype=torch.float16), ks, vs, k_fmt, v_fmt, n, fk, fk.clone(), n_fp, 4,
+                    0.088, kscale, vscale, None, None, None, None)
+    finally:
+        dec._decode_split_kernel, dec._merge_kernel, dec.backend_for, dec.num_sms = real
+        decode_gluon._quant_split_kernel, decode_gluon.supported = real_g
+    return seen["args"], seen["kw"]
+
+
+def compile_for(args: tuple, kw: dict, arch: int = 90, gluon: bool = False):
+    """Compile the split kernel (``gluon``: the Gluon one) for ``sm_<arch>`` as Triton's JIT would specialise it for
+    these arguments (from :func:`capture_launch`). Returns (compiled kernel, launch options)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
+
+        fn = decode_gluon._quant_split_kernel
+    else:
+        fn = dec._decode_split_kernel
+    sig, const, attrs = {}, {}, {}
+    for i, (name, v) in enumerate(zip(fn.arg_names, args, strict=False)):
+        if isinstance(v, torch.Tensor):
+            sig[name] = _TYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:  # the JIT turns integer arguments equal to 1 into constants
+                sig[name], const[name] = "constexpr", 1
+                continue
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            sig[name] = "i32" if abs(v) < 2**31 else "i64"
+        else:
+            sig[name] = "fp32"
+    kw = dict(kw)
+    opts = {k: kw.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kw}
+    for k, v in kw.items():
+        sig[k], const[k] = "constexpr", v
+    return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32), options=opts), opts

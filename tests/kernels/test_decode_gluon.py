@@ -1,9 +1,9 @@
 """The Gluon loop of decode attention (kvcompile/kernels/decode_gluon.py).
 
-Gluon has no interpreter, so on the CPU machine the kernel is compiled for sm_90 (Triton ships ptxas) and checked
-for the property it exists for: in the quantized loop, shared memory holds the copied tiles and nothing else. On a
-GPU (``pytest -m gpu``) its output is checked against the reference with the tolerances of test_decode.py, and shown
-to be the path that actually ran.
+Gluon has no interpreter, so on the CPU machine the kernel is compiled for sm_90 (Triton ships ptxas) exactly as the
+host launches it, and its machine code is checked for the property it exists for: the quantized loop builds its MMA
+operands in registers. On a GPU (``pytest -m gpu``) its output is checked against the reference with the tolerances
+of test_decode.py, and shown to be the path that actually ran.
 """
 
 from __future__ import annotations
@@ -24,42 +24,18 @@ from tests.kernels.test_decode import INT2, INT4, NSEP2, NSEP4, TOL, Case, build
 needs_gluon = pytest.mark.skipif(not dg.HAVE_GLUON, reason="this Triton has no Gluon")
 
 
-def _compile_sm90(k_bits: int, v_bits: int, has_fp: bool = True):
-    """Compile the kernel as the host would launch it (nsep on both sides) for an H100/H200, without a GPU."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    fn = dg._quant_split_kernel
-    ptrs = {"q_ptr": "*fp16", "k_ptr": "*i32", "rk_ptr": "*fp16", "ks_ptr": "*fp32", "v_ptr": "*i32",
-            "rv_ptr": "*fp16", "vs_ptr": "*fp32", "fk_ptr": "*fp16", "fv_ptr": "*fp16", "pm_ptr": "*fp32",
-            "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "start_ptr": "*i32", "lens_ptr": "*i32"}
-    const = dict(K_BITS=k_bits, K_NSEP=2 if k_bits == 2 else 1, V_BITS=v_bits, V_NSEP=2 if v_bits == 2 else 1, STAGES=2,
-                 HAS_START=True, DEV_LENS=True, HAS_FP=has_fp, FDT=gl.float16, **dg.gluon_layouts(k_bits, v_bits))
-    sig: dict = {}
-    attrs: dict = {}
-    for i, name in enumerate(fn.arg_names):
-        if name in const:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name] = ptrs[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "fp32" if name == "qscale" else "i32"
-    src = GluonASTSource(fn, sig, const, attrs)
-    maxnreg = 128 if k_bits == v_bits == 2 else 168  # the launcher's defaults (decode_gluon.launch)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1, "maxnreg": maxnreg})
-
-
 def _compile_report() -> None:  # run in a child process: the tests' TRITON_INTERPRET=1 would break compilation
-    from kvcompile.kernels.sass import disassemble, loop_histogram
+    """Compile the Gluon kernel for sm_90 exactly as the host launches it (Llama-3-8B shape, batch 8, 32k) and print
+    what its main loop holds, one JSON line per case."""
+    from kvcompile.kernels.sass import capture_launch, compile_for, disassemble, loop_histogram
 
-    for bits, has_fp in (((4, 4), True), ((2, 2), True), ((4, 2), True), ((4, 2), False)):
-        k = _compile_sm90(*bits, has_fp)
-        _, ops = loop_histogram(disassemble(k.asm["cubin"]))
-        print(json.dumps({"bits": bits, "shared": k.metadata.shared, "hmma": ops["HMMA"], "shfl": ops["SHFL"],
-                          "sts": ops["STS"] + ops["STSM"], "ldl": ops["LDL"]}))
+    for k, v, n_fp in ((NSEP4, NSEP4, 132), (NSEP2, NSEP2, 132), (NSEP4, NSEP2, 132), (NSEP4, INT2, 0)):
+        args, kw = capture_launch(k, v, 8, 32, 8, 128, 32768, n_fp=n_fp, gluon=True)
+        kern, _ = compile_for(args, kw, 90, gluon=True)
+        _, ops = loop_histogram(disassemble(kern.asm["cubin"]))
+        print(json.dumps({"bits": [k.bits, v.bits], "n_fp": n_fp, "shared": kern.metadata.shared,
+                          "hmma": ops["HMMA"], "shfl": ops["SHFL"], "sts": ops["STS"] + ops["STSM"],
+                          "ldl": ops["LDL"]}))
 
 
 @needs_gluon
@@ -74,7 +50,7 @@ def test_gluon_loop_builds_its_operands_in_registers() -> None:
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4
+    assert len(rows) == 4, res.stdout
     for r in rows:
         kb, vb = r["bits"]
         stages = 2 * 64 * (4 * (kb + vb) * 128 // 32 + 2 * 2)  # words of codes + two fp16 r per token
