@@ -537,7 +537,7 @@ def supported(q, k_fmt, v_fmt, k_data, v_data, k_r, v_r, fp_k, fp_v, d: int, G: 
 
 def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv: int, G: int,
            n_quant: int, n_fp: int, n_sinks: int, chunk: int, num_splits: int, qscale: float, k_nsep: int,
-           v_nsep: int, k_bits: int, v_bits: int, has_start: bool, stages: int = 3, maxnreg: int = 0):
+           v_nsep: int, k_bits: int, v_bits: int, has_start: bool, stages: int = 2, maxnreg: int = 0):
     """Run every partial of :func:`kvcompile.kernels.decode._decode`: the quantized splits ``[0, num_splits)`` of each
     (batch, KV head) and, when ``n_fp > 0``, its fp16 slots in :func:`fp_splits` pieces (slots ``num_splits + j``),
     into the partial buffers (``pid * n_slots + slot``, ``n_slots = num_splits + fp_splits(n_fp)``). Returns the
@@ -545,7 +545,7 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
 
     ``maxnreg`` caps the registers per thread (0: 128 when keys and values are 2-bit, else 168): what the quantized
     loop needs without spilling. The fp16 slots' programs would raise the whole kernel to ~200 registers and cut the
-    resident programs per SM (2-bit: 16 -> 9); capped, those short programs spill a few registers instead.
+    resident programs per SM (2-bit: 16 -> about 10); capped, those short programs spill a few registers instead.
     """
     import torch
 
