@@ -509,12 +509,20 @@ if HAVE_GLUON:
         gl.store(pl_ptr + part * G + g, l_i, mask=g < G)
 
 
+@cache
+def _hopper(device_index: int) -> bool:
+    """Hopper only: the kernel was built and measured there (its dependent-launch trigger also needs sm_90 or later).
+    Asked once per device, not on every decode call."""
+    import torch
+
+    return torch.cuda.get_device_capability(None if device_index < 0 else device_index)[0] == 9
+
+
 def supported(q, k_fmt, v_fmt, k_data, v_data, k_r, v_r, fp_k, fp_v, d: int, G: int, softcap: float | None) -> bool:
     """Whether the Gluon loop serves this launch (else the Triton kernel does): see the module docstring's scope."""
     import torch
 
-    # Hopper only: the kernel was built and measured there (its dependent-launch trigger also needs sm_90 or later)
-    if not (HAVE_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
+    if not (HAVE_GLUON and q.is_cuda and _hopper(q.device.index if q.device.index is not None else -1)):
         return False
     if d != HEAD_DIM or G > G_PAD or softcap or q.dtype not in (torch.float16, torch.bfloat16):
         return False
