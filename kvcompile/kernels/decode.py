@@ -50,7 +50,8 @@ One query token per sequence attends to ``n_quant`` quantized tokens (read packe
 On Hopper GPUs the common case (packed nsep / int-token keys and values of 2 or 4 bits at head_dim 128) runs the split
 programs in Gluon instead (:mod:`kvcompile.kernels.decode_gluon`: the same math and partials, operands built in
 registers; on an H200 up to 1.6x faster, and within 1 % at the one measured shape where it is not faster,
-benchmarks/RESULTS.md §1a″); ``_merge_kernel`` is then launched as its programmatic dependent.
+benchmarks/RESULTS.md §1a″; current figures §1a‴); ``_merge_kernel`` is then launched as its programmatic
+dependent.
 ``DecodeConfig.gluon = 0`` keeps this module's split kernel everywhere.
 
 Masks: only left padding (``seq_start``); the decode token sees every cached key. ``softcap`` applies Gemma-2's
@@ -694,6 +695,9 @@ class DecodeConfig:
     shared-memory row of the packed value tiles, -1 = by row size (see :meth:`v_lanes_for`). ``gluon``: -1 = run the
     quantized splits with the Gluon loop of :mod:`kvcompile.kernels.decode_gluon` wherever it applies, 0 = always
     the Triton kernel. ``gluon_stages``: copy stages of the Gluon loop's tiles (2 measured best, see its module).
+    ``gluon_fp``: where the Gluon kernel attends to the fp16 slots: -1 = chosen per launch (see ``_decode``), 1 = in
+    the split programs after their loops, 0 = in programs of their own. ``gluon_trigger``: 1 = the merge kernel may
+    launch once every split program has started (it waits for their results), 0 = once every loop is done.
     """
 
     block_n: int = 0
@@ -707,6 +711,8 @@ class DecodeConfig:
     v_lanes: int = -1
     gluon: int = -1
     gluon_stages: int = 2
+    gluon_fp: int = -1
+    gluon_trigger: int = 1
 
     def __post_init__(self) -> None:
         # tile sizes become tl.arange extents and dot shapes: powers of two (the row-group sums need >= 8 rows, the
@@ -721,11 +727,13 @@ class DecodeConfig:
             ("v_lanes", self.v_lanes, self.v_lanes in (-1, 0) or (pow2(self.v_lanes) and self.v_lanes >= 8)),
             ("gluon", self.gluon, self.gluon in (-1, 0)),
             ("gluon_stages", self.gluon_stages, self.gluon_stages >= 2),
+            ("gluon_fp", self.gluon_fp, self.gluon_fp in (-1, 0, 1)),
+            ("gluon_trigger", self.gluon_trigger, self.gluon_trigger in (0, 1)),
         ) if not ok]
         if bad:
             raise ValueError(f"DecodeConfig: {', '.join(bad)} (block_n: 0 or a power of two >= 16; block_f: a power "
                              "of two >= 16; merge_block: a power of two; v_lanes: -1, 0 or a power of two >= 8; "
-                             "gluon: -1 or 0; gluon_stages: >= 2)")
+                             "gluon: -1 or 0; gluon_stages: >= 2; gluon_fp: -1, 0 or 1; gluon_trigger: 0 or 1)")
 
     @classmethod
     def from_env(cls) -> Self:
@@ -784,6 +792,7 @@ class DecodeConfig:
 
 
 _OCCUPANCY: dict[tuple, int] = {}  # programs per SM of each compiled split-kernel variant, read after its first launch
+_OCC_SEEN: set[tuple] = set()  # (key, compiled kernel) pairs whose occupancy _OCCUPANCY has taken in
 
 
 def _ctas_per_sm(kernel: object, num_warps: int, device_index: int, default: int) -> int:
@@ -969,28 +978,35 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         return out.zero_()
     chunk = 0
     g_pad = max(cfg.min_g_pad, next_pow2(G))
+    k_data, ka, kb, kms, kc = _source(k_fmt, k_store, q, backend)
+    v_data, va, vb, vms, vc = _source(v_fmt, v_store, q, backend)
+    # the Gluon kernel (decode_gluon) serves packed nsep/int-token splits where it applies; it always writes partials
+    use_gluon = (n_quant > 0 and backend == "triton" and cfg.gluon != 0 and block_n == decode_gluon.BLOCK_N
+                 and vc["KIND"] == _SYM and kc["KIND"] == _SYM
+                 and decode_gluon.supported(q, k_fmt, v_fmt, k_data, v_data, ka, va, fp_k, fp_v, d, G, softcap))
     # the launch's compile-time specialisation: programs of one key share registers/shared memory, so occupancy
-    occ_key = (k_fmt, v_fmt, d, g_pad, q.dtype, fp_k.dtype, block_n, num_warps, cfg)
+    occ_key = (k_fmt, v_fmt, d, g_pad, q.dtype, fp_k.dtype, block_n, num_warps, cfg, use_gluon)
+    # programs that run at once
+    slots = num_sms(q.device.index or 0) * _OCCUPANCY.get(occ_key, cfg.slots_per_sm(num_warps)) \
+        if backend == "triton" else 4
     if n_quant:
         if num_splits is None:
-            if backend == "triton":
-                slots = num_sms(q.device.index or 0) * _OCCUPANCY.get(occ_key, cfg.slots_per_sm(num_warps))
-            else:
-                slots = 4
             num_splits = pick_num_splits(n_quant, B * Hkv, block_n, slots)
         blocks = -(-n_quant // block_n)
         chunk = -(-blocks // max(1, min(num_splits, blocks))) * block_n  # whole blocks per split
         num_splits = -(-n_quant // chunk)  # drops splits that the rounding left empty
     else:
         num_splits = 0
-    k_data, ka, kb, kms, kc = _source(k_fmt, k_store, q, backend)
-    v_data, va, vb, vms, vc = _source(v_fmt, v_store, q, backend)
-    # the Gluon kernel (decode_gluon) serves packed nsep/int-token splits where it applies; it always writes partials
-    use_gluon = (num_splits > 0 and backend == "triton" and cfg.gluon != 0 and block_n == decode_gluon.BLOCK_N
-                 and vc["KIND"] == _SYM and kc["KIND"] == _SYM
-                 and decode_gluon.supported(q, k_fmt, v_fmt, k_data, v_data, ka, va, fp_k, fp_v, d, G, softcap))
     has_fp = n_fp > 0
-    n_slots = num_splits + (decode_gluon.fp_splits(n_fp) if use_gluon else int(has_fp))
+    # Gluon: the fp16 slots go to programs of their own when those fit in the wave beside every split program (they
+    # then run in parallel on places that would be idle), else to the split programs, after their loops (no
+    # program then waits for a place; H200, Llama-3-8B shape, batch 8, 32k: nsep-4 87.0 -> 79.3 us, nsep-2 58.2 ->
+    # 57.1, results/h200_v11_tune.log), provided that there is a split per chunk (else a few programs would walk
+    # them in series)
+    fp_in = bool(cfg.gluon_fp) if cfg.gluon_fp >= 0 else \
+        B * Hkv * (num_splits + decode_gluon.fp_splits(n_fp)) > slots
+    fp_in = fp_in and n_fp > 0 and num_splits >= decode_gluon.fp_splits(n_fp, True)
+    n_slots = num_splits + (decode_gluon.fp_splits(n_fp, fp_in) if use_gluon else int(has_fp))
     # device lengths: a program cannot know it is alone, always merge
     direct = n_slots == 1 and lens is None and not use_gluon
     if vc["KIND"] != _FP:
@@ -1020,7 +1036,7 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         kernel = decode_gluon.launch(
             q, k_data, ka, ks, v_data, va, vs, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv, G, n_quant, n_fp, n_sinks,
             chunk, num_splits, qscale, kc["NSEP"], vc["NSEP"], kc["BITS"], vc["BITS"], seq_start is not None,
-            cfg.gluon_stages, cfg.maxnreg)
+            cfg.gluon_stages, cfg.maxnreg, fp_in, bool(cfg.gluon_trigger))
         num_warps = 1
     else:
         kernel = _decode_split_kernel[(B * Hkv, n_slots)](
@@ -1041,8 +1057,14 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
             V_ROW16=_rows16(vc["KIND"], v_data), V_LB=cfg.v_lanes_for(vc["MP"]),
             num_warps=num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )
-    if backend == "triton" and occ_key not in _OCCUPANCY:
-        _OCCUPANCY[occ_key] = _ctas_per_sm(kernel, num_warps, q.device.index or 0, cfg.slots_per_sm(num_warps))
+    variant = (occ_key, getattr(kernel, "hash", None) or id(kernel))  # compiled kernels live as long as the process
+    if backend == "triton" and variant not in _OCC_SEEN:
+        # the compiled variants of one key (e.g. the Gluon kernel with the fp16 slots in the split programs or in
+        # programs of their own) may differ by a program per SM: the split count is sized for the smallest seen, so
+        # that a launch sized at one variant's occupancy does not spill into a second wave with another's
+        _OCC_SEEN.add(variant)
+        occ = _ctas_per_sm(kernel, num_warps, q.device.index or 0, cfg.slots_per_sm(num_warps))
+        _OCCUPANCY[occ_key] = min(occ, _OCCUPANCY.get(occ_key, occ))
     if not direct:
         _merge_kernel[(B * Hq,)](
             pm, pl, pacc, out, out.stride(0), out.stride(1), Hq, G, n_slots,

@@ -20,13 +20,15 @@ tokens per step:
 * the **query** operand is built once per program and stays in registers.
 * tiles move global -> shared memory by 16-byte asynchronous copies, ``STAGES`` deep (2: measured best), and are
   read back in the layouts above. Only the softmax weights change layout inside the loop (by warp shuffles).
-* the **fp16 slots** (sinks and recent tail) are attended to by more programs of the same kernel, ``FP_CHUNK`` slots
-  each, placed first in the grid: one program walking all ~130 slots became the critical path at short contexts.
+* the **fp16 slots** (sinks and recent tail) are cut into chunks, each its own partial. When the split programs fill
+  the GPU's wave, split program ``j mod num_splits`` attends to chunk j (``FP_CHUNK_IN`` slots) after its loop, so
+  that no split waits for a place on an SM; otherwise more programs of the same kernel take ``FP_CHUNK`` slots each,
+  placed first in the grid, and run beside the splits (the host decides: :func:`kvcompile.kernels.decode._decode`).
 * the programs write the partials of :mod:`kvcompile.kernels.decode`, whose merge kernel is launched as their
-  programmatic dependent (it may launch once every program has finished its loop).
+  programmatic dependent (by default it may launch as soon as every program has started; it waits for the results).
 
-Measured on an H200 (``benchmarks/RESULTS.md`` §1a″): Llama-3-8B shape, batch 8, 32k: nsep-4 82.9 us, nsep-2 57.9 us
-(Triton kernel 82.4 / 63.6); batch 1 at 4k: 8.0 / 8.4 us (13.0 / 12.2).
+Measured on an H200 (``benchmarks/RESULTS.md`` §1a‴): Llama-3-8B shape, batch 8, 32k: nsep-4 79.2 us, nsep-2 56.7 us
+(SDPA 243.7: 3.08x / 4.30x); batch 1 at 4k: 8.0 / 8.3 us (SDPA 11.5).
 
 Scope: Hopper GPUs (sm_90); nsep / int-token keys and values of 2 or 4 bits at head_dim 128, up to 8 query heads per
 KV head, fp16 or bf16 queries and fp16 slots, no soft-capping (:func:`supported`; the rest runs the Triton kernel).
@@ -52,10 +54,11 @@ try:  # Gluon is experimental and versioned with Triton; without it the Triton k
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["FP_CHUNK", "HAVE_GLUON", "fp_splits", "gluon_layouts", "launch", "supported"]
+__all__ = ["FP_CHUNK", "FP_CHUNK_IN", "HAVE_GLUON", "fp_splits", "gluon_layouts", "launch", "supported"]
 
 BLOCK_N = 64  # tokens per loop step: the M dimension of four 16-row MMA tiles, one warp
-FP_CHUNK = 32  # fp16 slots per program (sinks + tail: 100-200 slots go to several short programs)
+FP_CHUNK = 32  # fp16 slots per program of their own (sinks + tail: 100-200 slots go to several short programs)
+FP_CHUNK_IN = 16  # fp16 slots per chunk that a split program attends to after its loop: one tile, one round trip
 G_PAD = 8  # query heads per KV head, padded: the MMA's N dimension
 HEAD_DIM = 128
 
@@ -111,14 +114,17 @@ def gluon_layouts(k_bits: int, v_bits: int) -> dict:
     )
 
 
-def fp_splits(n_fp: int) -> int:
-    """Programs (partials) per KV head that the fp16 slots take."""
-    return -(-n_fp // FP_CHUNK)
+def fp_splits(n_fp: int, in_splits: bool = False) -> int:
+    """Partials per KV head that the fp16 slots take: chunks of :data:`FP_CHUNK_IN` slots when the split programs
+    attend to them (``in_splits``), else programs of :data:`FP_CHUNK`."""
+    return -(-n_fp // (FP_CHUNK_IN if in_splits else FP_CHUNK))
 
 
 if HAVE_GLUON:
     _TWO24 = gl.constexpr(16777216.0)
-    _FP_CHUNK = gl.constexpr(FP_CHUNK)
+    _D = gl.constexpr(HEAD_DIM)  # supported() admits this head_dim only
+    _G = gl.constexpr(G_PAD)
+    _BN = gl.constexpr(BLOCK_N)
     _NEG = gl.constexpr(-1.0e30)
 
     @gluon.jit
@@ -210,11 +216,11 @@ if HAVE_GLUON:
                    BL: gl.constexpr):
         """Slice SL of the query [m, G_PAD] (fp32, slot order of :func:`_k_operand`), times the softmax scale and
         the nsep key scale."""
-        M: gl.constexpr = 128 * BITS // 8
+        M: gl.constexpr = _D * BITS // 8
         KS: gl.constexpr = M // 16
         s = gl.arange(0, M, layout=gl.SliceLayout(1, BL))
         chan = SL * M + 4 * (KS * ((s >> 1) & 3) + (s >> 4)) + ((s >> 3) & 1) + 2 * (s & 1)
-        g = gl.arange(0, 8, layout=gl.SliceLayout(0, BL))
+        g = gl.arange(0, _G, layout=gl.SliceLayout(0, BL))
         qt = gl.load(q_ptr + g[None, :] * sqh + chan[:, None], mask=(g < G)[None, :], other=0.0)
         qt = qt.to(gl.float32) * qscale
         if NSEP:
@@ -225,7 +231,7 @@ if HAVE_GLUON:
     def _store_out(acc, prs, SL: gl.constexpr, BITS: gl.constexpr, MID: gl.constexpr, NSEP: gl.constexpr, vs_ptr,
                    pacc_ptr, G, MMA: gl.constexpr):
         """Partial output of value slice SL: acc [m, G_PAD] in the row order of :func:`_v_operand`."""
-        M: gl.constexpr = 128 * BITS // 8
+        M: gl.constexpr = _D * BITS // 8
         WI: gl.constexpr = M // 32
         row = gl.arange(0, M, layout=gl.SliceLayout(1, MMA))
         # row = R + 8 bp0 + 16 bp1 (+ 32 wi): byte 4 (WI R + wi) + bp0 + 2 bp1 of the row
@@ -241,36 +247,36 @@ if HAVE_GLUON:
             acc = acc - (1 << (BITS - 1)) * prs[None, :]
         if NSEP:
             acc = acc * gl.load(vs_ptr + chan)[:, None]
-        g = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+        g = gl.arange(0, _G, layout=gl.SliceLayout(0, MMA))
         # (the always-true chan >= 0 only gives the mask the store's 2-D shape)
-        gl.store(pacc_ptr + g[None, :] * 128 + chan[:, None], acc, mask=(g < G)[None, :] & (chan >= 0)[:, None])
+        gl.store(pacc_ptr + g[None, :] * _D + chan[:, None], acc, mask=(g < G)[None, :] & (chan >= 0)[:, None])
 
     @gluon.jit
     def _fp_part(q, sqh, qscale, G, fk, sfkt, fv, sfvt, f_lo, f_hi, n_sinks, n_quant, start, pm, pl, pacc,
                  HAS_START: gl.constexpr, FDT: gl.constexpr, MMA: gl.constexpr, OPA: gl.constexpr,
-                 OPB: gl.constexpr, BL: gl.constexpr):
+                 OPB: gl.constexpr, BL: gl.constexpr, TRIGGER: gl.constexpr):
         """fp16/bf16 slots [f_lo, f_hi) (sinks and recent tail: slot j at position j < n_sinks, else n_quant + j),
-        written as one partial. At most FP_CHUNK slots, so a few plain loads, not pipelined: the host gives the slots
-        to several such programs, which keeps them off the critical path."""
+        written as one partial. At most FP_CHUNK slots, so a few plain loads, not pipelined: the host spreads the
+        slots over many programs, which keeps them off the critical path. TRIGGER: then let the merge kernel launch."""
         BF: gl.constexpr = 16
-        # tiles are loaded row-major, 8 bytes per lane, and moved to the operand layouts through shared memory
-        TL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[1, 1],
-                                            order=[1, 0])
-        c = gl.arange(0, 128, layout=gl.SliceLayout(1, BL))
-        g = gl.arange(0, 8, layout=gl.SliceLayout(0, BL))
+        # tiles are loaded straight into the operand layouts (4-byte reads of key pairs, 2-byte reads of values: a
+        # few per program, and no shared memory, which the quantized loop's stages hold while this runs)
+        c = gl.arange(0, _D, layout=gl.SliceLayout(1, BL))
+        g = gl.arange(0, _G, layout=gl.SliceLayout(0, BL))
         qf = gl.load(q + g[None, :] * sqh + c[:, None], mask=(g < G)[None, :], other=0.0).to(gl.float32) * qscale
         qf = gl.convert_layout(qf.to(FDT), OPB)
-        lt = gl.arange(0, BF, layout=gl.SliceLayout(1, TL))
-        lc = gl.arange(0, 128, layout=gl.SliceLayout(0, TL))
+        kt = gl.arange(0, BF, layout=gl.SliceLayout(1, OPA))
+        kc = gl.arange(0, _D, layout=gl.SliceLayout(0, OPA))
+        vc = gl.arange(0, _D, layout=gl.SliceLayout(1, OPA))
+        vt = gl.arange(0, BF, layout=gl.SliceLayout(0, OPA))
         tr0 = gl.arange(0, BF, layout=gl.SliceLayout(1, MMA))
-        m_i = gl.full([8], _NEG, gl.float32, layout=gl.SliceLayout(0, MMA))
-        l_i = gl.zeros([8], gl.float32, layout=gl.SliceLayout(0, MMA))
-        acc = gl.zeros([128, 8], gl.float32, layout=MMA)
+        m_i = gl.full([_G], _NEG, gl.float32, layout=gl.SliceLayout(0, MMA))
+        l_i = gl.zeros([_G], gl.float32, layout=gl.SliceLayout(0, MMA))
+        acc = gl.zeros([_D, _G], gl.float32, layout=MMA)
         for j0 in range(f_lo, f_hi, BF):
-            lmask = (j0 + lt < f_hi)[:, None]
-            kk = gl.load(fk + (j0 + lt)[:, None] * sfkt + lc[None, :], mask=lmask, other=0.0)
-            vv = gl.load(fv + (j0 + lt)[:, None] * sfvt + lc[None, :], mask=lmask, other=0.0)
-            s = mma_v2(gl.convert_layout(kk, OPA), qf, gl.zeros([BF, 8], gl.float32, layout=MMA))
+            kk = gl.load(fk + (j0 + kt)[:, None] * sfkt + kc[None, :], mask=(j0 + kt < f_hi)[:, None], other=0.0)
+            vv = gl.load(fv + (j0 + vt)[None, :] * sfvt + vc[:, None], mask=(j0 + vt < f_hi)[None, :], other=0.0)
+            s = mma_v2(kk, qf, gl.zeros([BF, _G], gl.float32, layout=MMA))
             t = j0 + tr0
             valid = t < f_hi
             if HAS_START:
@@ -281,12 +287,12 @@ if HAVE_GLUON:
             alpha = gl.exp2(m_i - m_new)
             l_i = l_i * alpha + gl.sum(p, axis=0)
             m_i = m_new
-            vv = gl.convert_layout(gl.permute(vv, [1, 0]), OPA)
             acc = mma_v2(vv, gl.convert_layout(p.to(FDT), OPB), acc * alpha[None, :])
-        _launch_dependents()
-        gm = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
-        cm = gl.arange(0, 128, layout=gl.SliceLayout(1, MMA))
-        gl.store(pacc + gm[None, :] * 128 + cm[:, None], acc, mask=(gm < G)[None, :] & (cm >= 0)[:, None])
+        if TRIGGER:
+            _launch_dependents()
+        gm = gl.arange(0, _G, layout=gl.SliceLayout(0, MMA))
+        cm = gl.arange(0, _D, layout=gl.SliceLayout(1, MMA))
+        gl.store(pacc + gm[None, :] * _D + cm[:, None], acc, mask=(gm < G)[None, :] & (cm >= 0)[:, None])
         gl.store(pm + gm, m_i, mask=gm < G)
         gl.store(pl + gm, l_i, mask=gm < G)
 
@@ -299,18 +305,25 @@ if HAVE_GLUON:
         pm_ptr, pl_ptr, pacc_ptr, start_ptr, lens_ptr,
         Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, n_slots, qscale,
         K_BITS: gl.constexpr, K_NSEP: gl.constexpr, V_BITS: gl.constexpr, V_NSEP: gl.constexpr,
-        HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr, HAS_FP: gl.constexpr,
-        FDT: gl.constexpr,
+        HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr, SEP_FP: gl.constexpr,
+        IN_FP: gl.constexpr, FPC: gl.constexpr, EARLY: gl.constexpr, FDT: gl.constexpr,
         MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
         BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, KC: gl.constexpr,
         VC: gl.constexpr,
     ):
-        """Grid (B * Hkv, n_slots): programs [0, n_slots - num_splits) of a KV head take its fp16 slots, FP_CHUNK each
-        (first, so that short programs are not left for the end of the wave), the others one quantized split each."""
+        """Grid (B * Hkv, num_splits), one quantized split per program. The fp16 slots are cut into ``n_slots -
+        num_splits`` chunks of FPC slots, each written as its own partial (slot ``num_splits + j``): with IN_FP, chunk j
+        is attended to by split program ``j mod num_splits`` after its own loop (so no program waits for a free place
+        on an SM); with SEP_FP, the grid has ``n_slots`` columns and programs [0, n_slots - num_splits) take one chunk
+        each (first, so that short programs are not left for the end of the wave). EARLY: the merge kernel may
+        launch as soon as every program has started (its programs take the places of those that finish, and wait
+        for this grid's results), else once every program's loop is done."""
         pid_bh = gl.program_id(0)
         sid = gl.program_id(1)
+        if EARLY:
+            _launch_dependents()
         n_fsp = n_slots - num_splits
-        if HAS_FP:
+        if SEP_FP:
             is_fp = sid < n_fsp
             fsp = sid
             sid = sid - n_fsp
@@ -329,18 +342,37 @@ if HAVE_GLUON:
             n_quant = gl.load(lens_ptr)
             n_fp = gl.load(lens_ptr + 1)
         if is_fp:
-            part = pid_bh * n_slots + num_splits + fsp
-            f_lo = fsp * _FP_CHUNK
-            # fp strides come divided by 8 (16-byte rows, checked by the host): vector loads
-            _fp_part(q, sqh, qscale, G, fk_ptr + b * (sfkb * 8) + h * (sfkh * 8), sfkt * 8,
-                     fv_ptr + b * (sfvb * 8) + h * (sfvh * 8), sfvt * 8, f_lo,
-                     gl.minimum(f_lo + _FP_CHUNK, n_fp), n_sinks, n_quant, start, pm_ptr + part * G,
-                     pl_ptr + part * G, pacc_ptr + part * (G * 128), HAS_START, FDT, MMA, OPA, OPB, BL)
+            _fp_chunks(q_ptr, sqb, sqh, qscale, G, fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt, b, h, fsp,
+                       fsp + 1, 1, pid_bh * n_slots + num_splits, n_fp, n_sinks, n_quant, start, pm_ptr, pl_ptr,
+                       pacc_ptr, FPC, HAS_START, FDT, MMA, OPA, OPB, BL, not EARLY)
         else:
             _quant_part(q, sqh, k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr, v_ptr, svb, svh, rv_ptr, srvb, srvh,
                         vs_ptr, pm_ptr, pl_ptr, pacc_ptr, b, h, start, G, n_quant, n_sinks, chunk, num_splits,
                         pid_bh * n_slots + sid, sid, qscale, K_BITS, K_NSEP, V_BITS, V_NSEP, HAS_START, DEV_LENS,
-                        STAGES, MMA, KW, VW, OPA, OPB, BL, RL, SM3, KC, VC)
+                        STAGES, EARLY, MMA, KW, VW, OPA, OPB, BL, RL, SM3, KC, VC)
+            if IN_FP:  # then the fp16 chunks j = sid (mod num_splits); pointers recomputed: nothing kept over the loop
+                _fp_chunks(q_ptr, sqb, sqh, qscale, G, fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt,
+                           (gl.program_id(0) // Hkv).to(gl.int64), gl.program_id(0) % Hkv, sid, n_fsp, num_splits,
+                           gl.program_id(0) * n_slots + num_splits, n_fp, n_sinks, n_quant, start, pm_ptr, pl_ptr,
+                           pacc_ptr, FPC, HAS_START, FDT, MMA, OPA, OPB, BL, False)
+
+    @gluon.jit
+    def _fp_chunks(q_ptr, sqb, sqh, qscale, G, fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt, b, h, j_lo, j_hi,
+                   j_step, part0, n_fp, n_sinks, n_quant, start, pm_ptr, pl_ptr, pacc_ptr, FPC: gl.constexpr,
+                   HAS_START: gl.constexpr, FDT: gl.constexpr, MMA: gl.constexpr, OPA: gl.constexpr,
+                   OPB: gl.constexpr, BL: gl.constexpr, TRIGGER: gl.constexpr):
+        """fp16 chunks ``j = j_lo, j_lo + j_step, ... < j_hi`` of FPC slots of one (batch, KV head), chunk j into
+        partial ``part0 + j``."""
+        q = q_ptr + b * sqb + (h * G) * sqh
+        # fp strides come divided by 8 (16-byte rows, checked by the host): vector loads
+        fkp = fk_ptr + b * (sfkb * 8) + h * (sfkh * 8)
+        fvp = fv_ptr + b * (sfvb * 8) + h * (sfvh * 8)
+        for j in range(j_lo, j_hi, j_step):
+            f_lo = j * FPC
+            part = part0 + j
+            _fp_part(q, sqh, qscale, G, fkp, sfkt * 8, fvp, sfvt * 8, f_lo, gl.minimum(f_lo + FPC, n_fp), n_sinks,
+                     n_quant, start, pm_ptr + part * G, pl_ptr + part * G, pacc_ptr + part * (G * _D), HAS_START,
+                     FDT, MMA, OPA, OPB, BL, TRIGGER)
 
     @gluon.jit
     def _quant_part(
@@ -350,21 +382,22 @@ if HAVE_GLUON:
         pm_ptr, pl_ptr, pacc_ptr, b, h, start,
         G, n_quant, n_sinks, chunk, num_splits, part, sid, qscale,
         K_BITS: gl.constexpr, K_NSEP: gl.constexpr, V_BITS: gl.constexpr, V_NSEP: gl.constexpr,
-        HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr,
+        HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr, EARLY: gl.constexpr,
         MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
         BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, KC: gl.constexpr,
         VC: gl.constexpr,
     ):
-        """One quantized split: tokens [sid * chunk, ...) of one KV head, for its G query heads."""
-        BN: gl.constexpr = 64
+        """One quantized split: tokens [sid * chunk, ...) of one KV head, for its G query heads, into partial
+        ``part``."""
+        BN: gl.constexpr = _BN
         K_P: gl.constexpr = 8 // K_BITS
         V_P: gl.constexpr = 8 // V_BITS
         K_MID: gl.constexpr = K_NSEP == 2
         V_MID: gl.constexpr = V_NSEP == 2
         # token rows are contiguous (checked by the host): the strides are compile-time constants, so every load of
         # a tile is one per-thread base register plus an immediate offset
-        KNW: gl.constexpr = 128 * K_BITS // 32
-        VNW: gl.constexpr = 128 * V_BITS // 32
+        KNW: gl.constexpr = _D * K_BITS // 32
+        VNW: gl.constexpr = _D * V_BITS // 32
         skt: gl.constexpr = KNW
         svt: gl.constexpr = VNW
         if DEV_LENS:
@@ -404,7 +437,7 @@ if HAVE_GLUON:
             _async_load(rvsm.index(i), rvp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
             async_copy.commit_group()
         # ---- the query, once: pre-scaled, normalised to a max of 2^14, per slice, as the B operand in registers
-        ksp = ks_ptr + h * 128
+        ksp = ks_ptr + h * _D
         qk0 = _q_operand(q, sqh, ksp, qscale, G, 0, K_BITS, K_NSEP, BL)
         qk1 = _q_operand(q, sqh, ksp, qscale, G, 1, K_BITS, K_NSEP, BL)
         amax = gl.maximum(gl.max(gl.abs(qk0), axis=0), gl.max(gl.abs(qk1), axis=0))
@@ -435,15 +468,15 @@ if HAVE_GLUON:
             rq = 1.0 / qnorm
         qoff = gl.convert_layout(qoff, gl.SliceLayout(0, MMA))
 
-        m_i = gl.full([8], _NEG, gl.float32, layout=gl.SliceLayout(0, MMA))
+        m_i = gl.full([_G], _NEG, gl.float32, layout=gl.SliceLayout(0, MMA))
         # softmax denominator and sum_t p_t r_t as partial sums over row groups, reduced across threads after the loop
-        l8 = _rows8(gl.zeros([BN, 8], gl.float32, layout=MMA))
-        pvs = _rows8(gl.zeros([BN, 8], gl.float32, layout=MMA))
-        acc0 = gl.zeros([128 // V_P, 8], gl.float32, layout=MMA)
-        acc1 = gl.zeros([128 // V_P, 8], gl.float32, layout=MMA)
+        l8 = _rows8(gl.zeros([BN, _G], gl.float32, layout=MMA))
+        pvs = _rows8(gl.zeros([BN, _G], gl.float32, layout=MMA))
+        acc0 = gl.zeros([_D // V_P, _G], gl.float32, layout=MMA)
+        acc1 = gl.zeros([_D // V_P, _G], gl.float32, layout=MMA)
         if V_P > 2:
-            acc2 = gl.zeros([128 // V_P, 8], gl.float32, layout=MMA)
-            acc3 = gl.zeros([128 // V_P, 8], gl.float32, layout=MMA)
+            acc2 = gl.zeros([_D // V_P, _G], gl.float32, layout=MMA)
+            acc3 = gl.zeros([_D // V_P, _G], gl.float32, layout=MMA)
 
         ld = 0
         st = STAGES - 1
@@ -461,7 +494,7 @@ if HAVE_GLUON:
             kw = ksm.index(ld).load(KW).to(gl.uint32, bitcast=True)
             rk = rksm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
 
-            s = mma_v2(_k_operand(kw, 0, K_BITS, OPA), q0, gl.zeros([BN, 8], gl.float32, layout=MMA))
+            s = mma_v2(_k_operand(kw, 0, K_BITS, OPA), q0, gl.zeros([BN, _G], gl.float32, layout=MMA))
             s = mma_v2(_k_operand(kw, 1, K_BITS, OPA), q1, s)
             if K_P > 2:
                 s = mma_v2(_k_operand(kw, 2, K_BITS, OPA), q2, s)
@@ -493,18 +526,19 @@ if HAVE_GLUON:
             st = ld
             ld = gl.where(ld == STAGES - 1, 0, ld + 1)
         async_copy.wait_group(0)
-        _launch_dependents()  # the merge kernel may start launching (it waits for this grid to finish)
+        if not EARLY:
+            _launch_dependents()  # the merge kernel may start launching (it waits for this grid to finish)
 
         l_i = gl.convert_layout(gl.sum(l8, axis=0), gl.SliceLayout(0, MMA))
         prs = gl.convert_layout(gl.sum(pvs, axis=0), gl.SliceLayout(0, MMA))
-        pacc = pacc_ptr + part * (G * 128)
-        vsp = vs_ptr + h * 128
+        pacc = pacc_ptr + part * (G * _D)
+        vsp = vs_ptr + h * _D
         _store_out(acc0, prs, 0, V_BITS, V_MID, V_NSEP, vsp, pacc, G, MMA)
         _store_out(acc1, prs, 1, V_BITS, V_MID, V_NSEP, vsp, pacc, G, MMA)
         if V_P > 2:
             _store_out(acc2, prs, 2, V_BITS, V_MID, V_NSEP, vsp, pacc, G, MMA)
             _store_out(acc3, prs, 3, V_BITS, V_MID, V_NSEP, vsp, pacc, G, MMA)
-        g = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+        g = gl.arange(0, _G, layout=gl.SliceLayout(0, MMA))
         gl.store(pm_ptr + part * G + g, m_i, mask=g < G)
         gl.store(pl_ptr + part * G + g, l_i, mask=g < G)
 
@@ -545,11 +579,14 @@ def supported(q, k_fmt, v_fmt, k_data, v_data, k_r, v_r, fp_k, fp_v, d: int, G: 
 
 def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv: int, G: int,
            n_quant: int, n_fp: int, n_sinks: int, chunk: int, num_splits: int, qscale: float, k_nsep: int,
-           v_nsep: int, k_bits: int, v_bits: int, has_start: bool, stages: int = 2, maxnreg: int = 0):
+           v_nsep: int, k_bits: int, v_bits: int, has_start: bool, stages: int = 2, maxnreg: int = 0,
+           fp_in_splits: bool = True, early_trigger: bool = True):
     """Run every partial of :func:`kvcompile.kernels.decode._decode`: the quantized splits ``[0, num_splits)`` of each
     (batch, KV head) and, when ``n_fp > 0``, its fp16 slots in :func:`fp_splits` pieces (slots ``num_splits + j``),
-    into the partial buffers (``pid * n_slots + slot``, ``n_slots = num_splits + fp_splits(n_fp)``). Returns the
-    compiled kernel.
+    into the partial buffers (``pid * n_slots + slot``, ``n_slots = num_splits + fp_splits(n_fp, fp_in_splits)``).
+    ``fp_in_splits``: the split programs attend to the fp16 chunks after their loops (else programs of their own do).
+    ``early_trigger``: the dependent merge kernel may launch once every program has started (else once every
+    program's loop is done). Returns the compiled kernel.
 
     ``maxnreg`` caps the registers per thread (0: 128 when keys and values are 2-bit, else 168): what the quantized
     loop needs without spilling. The fp16 slots' programs would raise the whole kernel to ~200 registers and cut the
@@ -560,9 +597,10 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
     maxnreg = maxnreg or (128 if k_bits == v_bits == 2 else 168)
     B = q.shape[0]
     has_fp = n_fp > 0
-    n_slots = num_splits + fp_splits(n_fp)
+    fp_in = has_fp and fp_in_splits
+    n_slots = num_splits + fp_splits(n_fp, fp_in)
     fdt = gl.bfloat16 if fp_k.dtype == torch.bfloat16 else gl.float16
-    return _quant_split_kernel[(B * Hkv, n_slots)](
+    return _quant_split_kernel[(B * Hkv, num_splits if fp_in else n_slots)](
         q, q.stride(0), q.stride(1),
         k_data, k_data.stride(0) // 4, k_data.stride(1) // 4, k_r, k_r.stride(0) // 2, k_r.stride(1) // 2, k_scale,
         v_data, v_data.stride(0) // 4, v_data.stride(1) // 4, v_r, v_r.stride(0) // 2, v_r.stride(1) // 2, v_scale,
@@ -570,6 +608,7 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
         pm, pl, pacc, start, lens if lens is not None else start,
         Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, n_slots, float(qscale),
         K_BITS=k_bits, K_NSEP=k_nsep, V_BITS=v_bits, V_NSEP=v_nsep,
-        HAS_START=has_start, DEV_LENS=lens is not None, STAGES=stages, HAS_FP=has_fp, FDT=fdt,
+        HAS_START=has_start, DEV_LENS=lens is not None, STAGES=stages, SEP_FP=has_fp and not fp_in, IN_FP=fp_in,
+        FPC=FP_CHUNK_IN if fp_in else FP_CHUNK, EARLY=early_trigger, FDT=fdt,
         **gluon_layouts(k_bits, v_bits), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )

@@ -84,8 +84,12 @@ def _cuda(x):
 
 @pytest.mark.gpu
 @needs_gluon
+@pytest.mark.parametrize("mode", ["", "gluon_fp=1", "gluon_fp=0,gluon_trigger=0"])
 @pytest.mark.parametrize("c", GPU_CASES, ids=str)
-def test_gluon_loop_matches_reference(c: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gluon_loop_matches_reference(c: Case, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the fp16 chunks where the host puts them (at these sizes: programs of their own), in the split programs after
+    # their loops, or in programs of their own with the merge launched after every loop
+    monkeypatch.setenv("KVCOMPILE_DECODE_CONFIG", mode)
     args, kw = build(c)
     args, kw = tuple(_cuda(a) for a in args), {k: _cuda(v) for k, v in kw.items()}
     calls = []
@@ -109,3 +113,39 @@ def test_gluon_loop_matches_reference(c: Case, monkeypatch: pytest.MonkeyPatch) 
     # (another split of the tokens: the same sums in another order, rounded to the output dtype)
     gerr = ((got.float() - out.float()).norm() / out.float().norm()).item()
     assert gerr < TOL[c.dtype] * 0.1, gerr
+
+
+@pytest.mark.gpu
+@needs_gluon
+@pytest.mark.parametrize("mode", ["gluon_fp=1", "gluon_fp=0,gluon_trigger=0"])
+def test_gluon_loop_in_a_cuda_graph(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Captured once at the stores' capacity with lengths on the device (the merge a programmatic dependent of the
+    split kernel), then replayed after the lengths change: each replay equals the reference at those lengths."""
+    monkeypatch.setenv("KVCOMPILE_DECODE_CONFIG", mode)
+    c = Case(NSEP4, NSEP2, G=4, Hkv=2, B=2, n_quant=2000, n_fp=40, sinks=4, dtype=torch.float16, cap=2048)
+    args, kw = build(c)
+    args, kw = tuple(_cuda(a) for a in args), {k: _cuda(v) for k, v in kw.items()}
+    q, k_store, v_store, kf, vf, n_quant, fp_k, fp_v, n_fp, sinks, scaling = args
+    lens = torch.tensor([n_quant, n_fp], dtype=torch.int32, device="cuda")
+    fp_in = []
+    real = dg.launch
+    monkeypatch.setattr(dg, "launch", lambda *a, **k: fp_in.append(a[-2]) or real(*a, **k))
+
+    def call() -> torch.Tensor:
+        return dmod.decode_attention(q, k_store, v_store, kf, vf, k_store["codes"].shape[2], fp_k, fp_v,
+                                     fp_k.shape[2], sinks, scaling, **kw, lens=lens)
+
+    call()  # compiles outside the capture
+    torch.cuda.synchronize()
+    assert fp_in == [mode == "gluon_fp=1"], fp_in  # the Gluon loop ran, with the fp16 slots where asked
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for nq, nf in ((n_quant, n_fp), (1500, 17), (64, 0)):
+        lens.copy_(torch.tensor([nq, nf], dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = dmod.decode_attention_reference(q, k_store, v_store, kf, vf, nq, fp_k, fp_v, nf, sinks, scaling, **kw)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < TOL[c.dtype], f"lengths {nq}/{nf}: relative error {err:.2e}"
