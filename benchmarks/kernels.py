@@ -182,6 +182,24 @@ def quantized_stores(inp: DecodeInputs, fmt: KVFormat) -> tuple[dict, dict, torc
     return fill_store(kq, fmt, "k", ks), fill_store(vq, fmt, "v", vs), ks, vs
 
 
+def add_case_args(ap: argparse.ArgumentParser) -> None:
+    """The command-line options of a single decode case (the profiling scripts' ``--format/--shape/--batch/
+    --context``)."""
+    ap.add_argument("--format", default="nsep-4")
+    ap.add_argument("--shape", default="Llama-3-8B", choices=[s.name for s in SHAPES])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=32768)
+
+
+def case_call(args: argparse.Namespace) -> Callable[[], torch.Tensor]:
+    """The decode call of :func:`add_case_args`' options, on this benchmark's inputs (seed 0)."""
+    shape = next(s for s in SHAPES if s.name == args.shape)
+    fmt = KVFormat.parse(args.format)
+    inp = make_inputs(shape, args.batch, args.context, seed=0)
+    k_store, v_store, ks, vs = quantized_stores(inp, fmt)
+    return decode_call(inp, fmt, k_store, v_store, ks, vs)
+
+
 def decode_bytes(shape: Shape, B: int, inp: DecodeInputs, fmt: KVFormat) -> float:
     """Bytes a decode step must move: packed K and V (metadata included), fp16 part, query in and output out."""
     per_tok = fmt.bytes_per_token(shape.d, "k") + fmt.bytes_per_token(shape.d, "v")

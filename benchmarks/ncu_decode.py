@@ -1,16 +1,26 @@
-"""Run the decode kernel of one format at one shape a few times, for a profiler to pick one launch.
+"""Run the decode kernel of one format at one shape a few times, for a profiler; or time it with ``--timeline``.
 
-    ncu --clock-control none --set full --kernel-name regex:_decode_split_kernel --launch-skip 3 --launch-count 1 \
+    ncu --clock-control none --set full --kernel-name regex:_decode_split_kernel --launch-skip 3 --launch-count 1 \\
         -o /tmp/nsep4 python benchmarks/ncu_decode.py --format nsep-4
+    python benchmarks/ncu_decode.py --timeline --format nsep-2 --batch 1 --context 4096
 
 The inputs are the benchmark's (:mod:`benchmarks.kernels`: Llama-3-8B shape, batch 8, 32k tokens by default), so the
 profiled launch is the one ``kernels.py`` times. ``KVCOMPILE_DECODE_CONFIG`` selects launch variants as usual.
+
+``--timeline``: where one call's time goes. After 3 warm-up calls, ``--calls`` calls are recorded by
+``torch.profiler`` (CUPTI), eagerly, one at a time (a synchronize between calls), and the script prints the median
+of each kernel's GPU duration and of the span from the call's first kernel start to its last kernel end. The span
+includes any gap between the split kernel and the merge kernel (the Gluon path's dependent launch is meant to hide
+it; eager host launch delays show up too), but not Python's overhead before the first kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,28 +30,60 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from kernels import SHAPES, decode_call, make_inputs, quantized_stores  # noqa: E402
+from kernels import add_case_args, case_call  # noqa: E402
 
-from kvcompile.formats import KVFormat  # noqa: E402
+
+def timeline(call: Callable[[], object], n_calls: int) -> tuple[dict[str, list[float]], list[float]]:
+    """(GPU durations in us per kernel name, span of each call in us) of ``n_calls`` recorded calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_calls):
+            call()
+            torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and e.device_time_total > 0), key=lambda e: e.time_range.start)
+    # every call launches the same kernels in the same order: a call starts with each launch of the first one
+    calls: list[list] = []
+    for e in kernels:
+        if not calls or e.name == kernels[0].name:
+            calls.append([])
+        calls[-1].append(e)
+    per_kernel: dict[str, list[float]] = defaultdict(list)
+    spans = []
+    for c in calls:
+        spans.append(max(e.time_range.end for e in c) - c[0].time_range.start)
+        for e in c:
+            per_kernel[e.name].append(e.time_range.end - e.time_range.start)
+    return per_kernel, spans
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--format", default="nsep-4")
-    ap.add_argument("--shape", default="Llama-3-8B", choices=[s.name for s in SHAPES])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--calls", type=int, default=5, help="launches in all (the first compiles)")
+    add_case_args(ap)
+    ap.add_argument("--calls", type=int, default=None,
+                    help="launches in all, the first compiling (default 5); with --timeline, recorded calls (20)")
+    ap.add_argument("--timeline", action="store_true", help="print each kernel's duration and the call's span")
     args = ap.parse_args()
-    shape = next(s for s in SHAPES if s.name == args.shape)
-    fmt = KVFormat.parse(args.format)
-    inp = make_inputs(shape, args.batch, args.context, seed=0)
-    k_store, v_store, ks, vs = quantized_stores(inp, fmt)
-    call = decode_call(inp, fmt, k_store, v_store, ks, vs)
-    for _ in range(args.calls):
+    if not torch.cuda.is_available():
+        print("ncu_decode: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    call = case_call(args)
+    what = f"{args.format} {args.shape} B={args.batch} ctx={args.context}"
+    if not args.timeline:
+        for _ in range(args.calls or 5):
+            call()
+        torch.cuda.synchronize()
+        print(f"{what}: {args.calls or 5} calls done")
+        return 0
+    for _ in range(3):
         call()
     torch.cuda.synchronize()
-    print(f"{args.format} {args.shape} B={args.batch} ctx={args.context}: {args.calls} calls done")
+    per_kernel, spans = timeline(call, args.calls or 20)
+    print(f"{what}: {len(spans)} calls, {torch.cuda.get_device_name()}")
+    for name, ts in per_kernel.items():
+        print(f"  {name[:60]:60s} x{len(ts) / len(spans):.0f}/call  median {statistics.median(ts):8.1f} us")
+    print(f"  span (first start to last end) median {statistics.median(spans):8.1f} us")
     return 0
 
 
