@@ -31,15 +31,23 @@ def main() -> int:
     ap.add_argument("csv")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
-    with open(args.csv, newline="") as f:
-        lines = f.read().splitlines()
+    try:
+        with open(args.csv, newline="") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        print(f"ncu_stalls: cannot read {args.csv}: {e.strerror}", file=sys.stderr)
+        return 2
     start = next((i for i, ln in enumerate(lines) if "Address" in ln and "Source" in ln), None)
     if start is None:
         print("ncu_stalls: no 'Address'/'Source' header in the CSV", file=sys.stderr)
         return 2
     rows = list(csv.DictReader(lines[start:]))
-    cols = list(rows[0].keys())
-    total_col = next((c for c in cols if "Sampling (All" in c), None) or next(c for c in cols if "Sampling" in c)
+    cols = list(rows[0].keys()) if rows else []
+    total_col = next((c for c in cols if "Sampling (All" in c), None) or next((c for c in cols if "Sampling" in c),
+                                                                           None)
+    if total_col is None:
+        print("ncu_stalls: no warp-stall sampling column (profile with --section SourceCounters)", file=sys.stderr)
+        return 2
     reason_cols = [c for c in cols if c.startswith("stall_") or ("Stall" in c and c != total_col
                    and "Sampling" not in c)]
     print(f"columns: total = {total_col!r}; {len(reason_cols)} stall-reason columns")
