@@ -11,8 +11,10 @@ head_dim 128) and Qwen2.5-1.5B (12/2/128). Each packed format is timed against t
 ``ctx`` tokens: torch SDPA (every backend that runs, native GQA or expanded K/V; the fastest is reported and named)
 and the same Triton kernel reading fp16 stores. Reported per row: median GPU time (CUDA-graph replay, so no Python
 launch overhead; eager time in the JSON), bytes the kernel must read (codes + per-token multipliers + group metadata
-+ fp16 sinks/tail + query and output), achieved GB/s, the fraction of the device's measured copy bandwidth, and the
-speedup over the faster fp16 baseline. Inputs are rotated over several copies when one set would fit in L2.
++ fp16 sinks/tail + query and output), achieved GB/s, the fraction of the device's measured HBM read bandwidth
+(the fastest streaming read found, :func:`hbm_read_bandwidth`), and the speedup over the faster fp16 baseline.
+Quantize-on-write, which reads and writes, is a fraction of a device-to-device copy (reads + writes). Inputs are
+rotated over several copies when one set would fit in L2.
 
 Before timing, every kernel is checked on the GPU against its PyTorch reference (decode: relative error < 1e-2
 against decode_attention_reference in fp16; quantize: codes equal but for rare ties).
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -86,13 +90,54 @@ def copies_for(nbytes: float) -> int:
 
 
 def hbm_bandwidth() -> float:
-    """Bytes/s of a large device-to-device copy (bytes read + bytes written)."""
+    """Bytes/s of a large device-to-device copy (bytes read + bytes written): the yardstick of quantize-on-write,
+    which reads fp16 and writes codes."""
     n = 2 * 2**30
     bufs = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(2)]
     us, _ = bench([lambda: bufs[1].copy_(bufs[0])])
     bufs.clear()
     torch.cuda.empty_cache()
     return 2 * n / (us * 1e-6)
+
+
+@triton.jit
+def _read_sum(x_ptr, out_ptr, n_tiles, TILE: tl.constexpr):
+    """Grid-stride sum of ``n_tiles`` tiles of int32 words: a pure streaming read (one int per program written)."""
+    pid = tl.program_id(0)
+    acc = tl.zeros([TILE], dtype=tl.int32)
+    for t in range(pid, n_tiles, tl.num_programs(0)):
+        acc += tl.load(x_ptr + t.to(tl.int64) * TILE + tl.arange(0, TILE))
+    tl.store(out_ptr + pid, tl.sum(acc))
+
+
+def hbm_read_bandwidth() -> tuple[float, str]:
+    """(bytes/s, how) of the fastest streaming read of a 2 GiB buffer found: the yardstick of decode, which reads.
+
+    A copy is no read figure (on an H200 it moves ~2.8 TB/s of reads + writes, while SDPA's decode reads 4.4 TB/s),
+    so this times reads alone: a Triton grid-stride sum over several grid sizes, tile sizes and warp counts, and
+    torch's own sum, and keeps the best."""
+    n = 2**29  # int32 words: 2 GiB
+    x = torch.ones(n, dtype=torch.int32, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.empty(64 * sms, dtype=torch.int32, device="cuda")
+    runs: list[tuple[Callable[[], object], str, int]] = [(x.sum, "torch.sum", 0)]
+    for tile in (2048, 8192):
+        for per_sm in (2, 4, 8, 16):
+            for warps in (4, 8):
+                def call(tile: int = tile, grid: int = per_sm * sms, warps: int = warps) -> object:
+                    return _read_sum[(grid,)](x, out, n // tile, TILE=tile, num_warps=warps)
+
+                runs.append((call, f"Triton grid-stride sum, {tile} words x {per_sm} programs/SM, {warps} warps",
+                             per_sm * sms))
+    best = (0.0, "none")
+    for fn, how, grid in runs:
+        fn()
+        torch.cuda.synchronize()
+        if grid:
+            assert int(out[:grid].sum()) == n, "the read kernel summed the wrong words"
+        us, _ = bench([fn])
+        best = max(best, (4 * n / (us * 1e-6), how))
+    return best
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -380,9 +425,11 @@ def parse_grid(spec: str) -> list[dict[str, int]]:
     return out
 
 
-def run_tune(shape: Shape, B: int, ctx: int, fmts: list[str], hbm: float, grid: str = DEFAULT_GRID) -> list[dict]:
-    """Sweep DecodeConfig over ``grid`` (and the split count around the heuristic's) on one shape; print the best
-    configuration per format."""
+def run_tune(shape: Shape, B: int, ctx: int, fmts: list[str], hbm: float, grid: str = DEFAULT_GRID,
+             splits: list[int] | None = None) -> list[dict]:
+    """Sweep DecodeConfig over ``grid`` on one shape, then with the best configuration the split counts ``splits``
+    (default: about 1, 2, 3, 4 and 8 programs per SM) beside the heuristic's; print the best configuration per
+    format."""
     from kvcompile.kernels.decode import DecodeConfig
 
     inputs = [make_inputs(shape, B, ctx, seed=i) for i in range(copies_for(2 * B * shape.hkv * ctx * shape.d * 2))]
@@ -406,18 +453,18 @@ def run_tune(shape: Shape, B: int, ctx: int, fmts: list[str], hbm: float, grid: 
                 continue
             r = {"format": fmt.name, "config": cfg.__dict__, "us": g, "frac_hbm": nbytes / (g * 1e-6) / hbm}
             results.append(r)
-            print(f"  {fmt.name} {spec}: {g:.1f} us, {100 * r['frac_hbm']:.0f}% of HBM", flush=True)
+            print(f"  {fmt.name} {spec}: {g:.1f} us, {100 * r['frac_hbm']:.0f}% of HBM read", flush=True)
             if best is None or g < best[0]:
                 best = (g, cfg, spec)
         if best is None:
             continue
         # split counts around the heuristic's (None), with the best tile: programs = k * SMs
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for k in (None, 1, 2, 3, 4, 8):
-            splits = None if k is None else max(1, round(k * sms / (B * shape.hkv)))
-            calls = [decode_call(inp, fmt, ksto, vsto, ks, vs, best[1], splits) for (ksto, vsto, ks, vs), inp in built]
+        counts = splits or [max(1, round(k * sms / (B * shape.hkv))) for k in (1, 2, 3, 4, 8)]
+        for n in (None, *counts):
+            calls = [decode_call(inp, fmt, ksto, vsto, ks, vs, best[1], n) for (ksto, vsto, ks, vs), inp in built]
             g, _ = bench(calls)
-            print(f"  {fmt.name} best tile, num_splits={splits or 'heuristic'}: {g:.1f} us", flush=True)
+            print(f"  {fmt.name} best tile, num_splits={n or 'heuristic'}: {g:.1f} us", flush=True)
         print(f"BEST {fmt.name}: {best[0]:.1f} us with KVCOMPILE_DECODE_CONFIG=\"{best[2]}\"", flush=True)
         del built
     return results
@@ -432,6 +479,7 @@ def main() -> int:
     ap.add_argument("--tune-grid", default=DEFAULT_GRID, metavar="SPEC",
                     help=f"configurations --tune sweeps, e.g. 'block_n=64,128;num_warps=1,4' (default {DEFAULT_GRID})")
     ap.add_argument("--tune-formats", default="nsep-4,nsep-2,fp16", metavar="F,..", help="formats --tune sweeps")
+    ap.add_argument("--tune-splits", metavar="N,..", help="split counts --tune tries with the best configuration")
     ap.add_argument("--batches", metavar="B,..", help=f"batch sizes of the decode table (default {BATCHES})")
     ap.add_argument("--contexts", metavar="N,..", help=f"context lengths of the decode table (default {CONTEXTS})")
     ap.add_argument("--formats", metavar="F,..", help=f"packed formats of the decode table (default {DECODE_FORMATS})")
@@ -441,14 +489,15 @@ def main() -> int:
         print("benchmarks/kernels.py needs a CUDA GPU (none is visible); the kernels' CPU checks are the tests in "
               "tests/kernels/", file=sys.stderr)
         return 2
-    import triton
-
     dev = torch.cuda.get_device_name(0)
     info = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
     print(f"# kvcompile kernels on {dev} (torch {torch.__version__}, triton {triton.__version__}, "
           f"CUDA {torch.version.cuda})")
     hbm = hbm_bandwidth()
-    print(f"HBM copy bandwidth (device-to-device copy, read + write): {hbm / 1e9:.0f} GB/s")
+    print(f"HBM copy bandwidth (device-to-device copy, read + write; the quantize yardstick): {hbm / 1e9:.0f} GB/s")
+    hbm_read, how = hbm_read_bandwidth()
+    torch.cuda.empty_cache()
+    print(f"HBM read bandwidth (best streaming read: {how}; the decode yardstick): {hbm_read / 1e9:.0f} GB/s")
     from kvcompile.kernels import decode as dmod
     from kvcompile.kernels import decode_gluon
 
@@ -456,7 +505,8 @@ def main() -> int:
     info["packed_decode"] = "gluon" if gluon_on else "triton"
     print(f"packed nsep/int-token decode at head_dim 128: {'Gluon' if gluon_on else 'Triton'} split kernel "
           "(KVCOMPILE_DECODE_CONFIG=gluon=0 selects the Triton one)")
-    result: dict = {"env": info, "hbm_copy_gbps": hbm / 1e9, "checks": {}, "decode": [], "quantize": [], "tune": []}
+    result: dict = {"env": info, "hbm_copy_gbps": hbm / 1e9, "hbm_read_gbps": hbm_read / 1e9, "hbm_read_how": how,
+                    "checks": {}, "decode": [], "quantize": [], "tune": []}
 
     shapes, batches, contexts, dfmts, qfmts = SHAPES, BATCHES, CONTEXTS, DECODE_FORMATS, QUANT_FORMATS
     if args.quick:
@@ -492,17 +542,18 @@ def main() -> int:
 
     if args.tune:
         print("\n## tuning (Llama-3-8B, batch 8, 32k)")
-        result["tune"] = run_tune(SHAPES[0], 8, 32768, args.tune_formats.split(","), hbm, args.tune_grid)
+        result["tune"] = run_tune(SHAPES[0], 8, 32768, args.tune_formats.split(","), hbm_read, args.tune_grid,
+                                  [int(n) for n in args.tune_splits.split(",")] if args.tune_splits else None)
         _write(args.json, result)
         return 0
 
     print("\n## decode attention (one query token; sinks + 128-token fp16 tail + packed rest)\n")
-    print("| model | batch | ctx | format | us | MB read | GB/s | of HBM copy | vs best fp16 |")
+    print("| model | batch | ctx | format | us | MB read | GB/s | of HBM read | vs best fp16 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         for B in batches:
             for ctx in contexts:
-                run_decode(shape, B, ctx, dfmts, hbm, result["decode"])
+                run_decode(shape, B, ctx, dfmts, hbm_read, result["decode"])
     print("\n## quantize-on-write")
     run_quantize(qfmts, hbm, result["quantize"])
     _write(args.json, result)

@@ -50,7 +50,7 @@ One query token per sequence attends to ``n_quant`` quantized tokens (read packe
 On Hopper GPUs the common case (packed nsep / int-token keys and values of 2 or 4 bits at head_dim 128) runs the split
 programs in Gluon instead (:mod:`kvcompile.kernels.decode_gluon`: the same math and partials, operands built in
 registers; on an H200 up to 1.6x faster, and within 1 % at the one measured shape where it is not faster,
-benchmarks/RESULTS.md §1a″; current figures §1a‴); ``_merge_kernel`` is then launched as its programmatic
+benchmarks/RESULTS.md §1a″; current figures §1a⁗); ``_merge_kernel`` is then launched as its programmatic
 dependent.
 ``DecodeConfig.gluon = 0`` keeps this module's split kernel everywhere.
 
@@ -698,6 +698,10 @@ class DecodeConfig:
     ``gluon_fp``: where the Gluon kernel attends to the fp16 slots: -1 = chosen per launch (see ``_decode``), 1 = in
     the split programs after their loops, 0 = in programs of their own. ``gluon_trigger``: 1 = the merge kernel may
     launch once every split program has started (it waits for their results), 0 = once every loop is done.
+    ``gluon_release``: 1 = the Gluon loop reads each landed tile into registers at once and refills its stage
+    (``gluon_stages`` tiles in flight instead of one fewer, for more registers), 0 = it refills after computing, -1
+    = 1 when keys and values are both 4-bit (H200, Llama-3-8B shape, batch 8, 32k, two runs: nsep-4 77.9 -> 77.2
+    and 78.0 -> 77.3 us; nsep-2 56.7 -> 59.9 and 56.6 -> 60.0, ``results/h200_v13_tune_{release,steal}.log``).
     """
 
     block_n: int = 0
@@ -713,6 +717,7 @@ class DecodeConfig:
     gluon_stages: int = 2
     gluon_fp: int = -1
     gluon_trigger: int = 1
+    gluon_release: int = -1
 
     def __post_init__(self) -> None:
         # tile sizes become tl.arange extents and dot shapes: powers of two (the row-group sums need >= 8 rows, the
@@ -729,11 +734,13 @@ class DecodeConfig:
             ("gluon_stages", self.gluon_stages, self.gluon_stages >= 2),
             ("gluon_fp", self.gluon_fp, self.gluon_fp in (-1, 0, 1)),
             ("gluon_trigger", self.gluon_trigger, self.gluon_trigger in (0, 1)),
+            ("gluon_release", self.gluon_release, self.gluon_release in (-1, 0, 1)),
         ) if not ok]
         if bad:
             raise ValueError(f"DecodeConfig: {', '.join(bad)} (block_n: 0 or a power of two >= 16; block_f: a power "
                              "of two >= 16; merge_block: a power of two; v_lanes: -1, 0 or a power of two >= 8; "
-                             "gluon: -1 or 0; gluon_stages: >= 2; gluon_fp: -1, 0 or 1; gluon_trigger: 0 or 1)")
+                             "gluon: -1 or 0; gluon_stages: >= 2; gluon_fp: -1, 0 or 1; gluon_trigger: 0 or 1; "
+                             "gluon_release: -1, 0 or 1)")
 
     @classmethod
     def from_env(cls) -> Self:
@@ -1033,10 +1040,11 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
             raise ValueError("decode_attention needs tensors whose last axis is contiguous")
 
     if use_gluon:
+        release = cfg.gluon_release == 1 or (cfg.gluon_release == -1 and k_fmt.bits == v_fmt.bits == 4)
         kernel = decode_gluon.launch(
             q, k_data, ka, ks, v_data, va, vs, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv, G, n_quant, n_fp, n_sinks,
             chunk, num_splits, qscale, kc["NSEP"], vc["NSEP"], kc["BITS"], vc["BITS"], seq_start is not None,
-            cfg.gluon_stages, cfg.maxnreg, fp_in, bool(cfg.gluon_trigger))
+            cfg.gluon_stages, cfg.maxnreg, fp_in, bool(cfg.gluon_trigger), release)
         num_warps = 1
     else:
         kernel = _decode_split_kernel[(B * Hkv, n_slots)](

@@ -19,7 +19,9 @@ tokens per step:
   read four consecutive rows (no bank conflicts); the softmax weights are permuted to match (:func:`_p_operand`).
 * the **query** operand is built once per program and stays in registers.
 * tiles move global -> shared memory by 16-byte asynchronous copies, ``STAGES`` deep (2: measured best), and are
-  read back in the layouts above. Only the softmax weights change layout inside the loop (by warp shuffles).
+  read back in the layouts above. Only the softmax weights change layout inside the loop (by warp shuffles). With
+  ``RELEASE`` (the host's default when keys and values are 4-bit) a landed tile is read into registers whole and
+  its stage refilled at once: ``STAGES`` tiles in flight per program instead of ``STAGES - 1``.
 * the **fp16 slots** (sinks and recent tail) are cut into chunks, each its own partial. When the split programs fill
   the GPU's wave, split program ``j mod num_splits`` attends to chunk j (``FP_CHUNK_IN`` slots) after its loop, so
   that no split waits for a place on an SM; otherwise more programs of the same kernel take ``FP_CHUNK`` slots each,
@@ -27,8 +29,9 @@ tokens per step:
 * the programs write the partials of :mod:`kvcompile.kernels.decode`, whose merge kernel is launched as their
   programmatic dependent (by default it may launch as soon as every program has started; it waits for the results).
 
-Measured on an H200 (``benchmarks/RESULTS.md`` §1a‴): Llama-3-8B shape, batch 8, 32k: nsep-4 79.2 us, nsep-2 56.7 us
-(SDPA 243.7: 3.08x / 4.30x); batch 1 at 4k: 8.0 / 8.3 us (SDPA 11.5).
+Measured on an H200 (``benchmarks/RESULTS.md`` §1a⁗): Llama-3-8B shape, batch 8, 32k: nsep-4 78.6 us, nsep-2 57.1 us
+(SDPA 243.7: 3.10x / 4.27x; nsep-4 reads at 78 % of the measured HBM read bandwidth); batch 1 at 4k: 8.0 / 8.5 us
+(SDPA 11.7).
 
 Scope: Hopper GPUs (sm_90); nsep / int-token keys and values of 2 or 4 bits at head_dim 128, up to 8 query heads per
 KV head, fp16 or bf16 queries and fp16 slots, no soft-capping (:func:`supported`; the rest runs the Triton kernel).
@@ -54,7 +57,8 @@ try:  # Gluon is experimental and versioned with Triton; without it the Triton k
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["FP_CHUNK", "FP_CHUNK_IN", "HAVE_GLUON", "fp_splits", "gluon_layouts", "launch", "supported"]
+__all__ = ["FP_CHUNK", "FP_CHUNK_IN", "HAVE_GLUON", "fp_splits", "gluon_layouts", "launch", "record_program_times",
+           "supported"]
 
 BLOCK_N = 64  # tokens per loop step: the M dimension of four 16-row MMA tiles, one warp
 FP_CHUNK = 32  # fp16 slots per program of their own (sinks + tail: 100-200 slots go to several short programs)
@@ -114,6 +118,17 @@ def gluon_layouts(k_bits: int, v_bits: int) -> dict:
     )
 
 
+_TIMES: list = [None]  # the buffer of record_program_times, or None
+
+
+def record_program_times(buf=None) -> None:
+    """A profiling aid: while ``buf`` (an int64 CUDA tensor of at least 4 words per program) is set, every launch
+    writes, per program of its grid (row-major, ``pid_bh * grid_columns + column``), the GPU's global timer in ns at
+    the program's start, after its quantized loop and partial store, and at its end, then its SM's id. ``None``
+    stops recording (the default: the kernel then has no such code). See ``benchmarks/ncu_decode.py --programs``."""
+    _TIMES[0] = buf
+
+
 def fp_splits(n_fp: int, in_splits: bool = False) -> int:
     """Partials per KV head that the fp16 slots take: chunks of :data:`FP_CHUNK_IN` slots when the split programs
     attend to them (``in_splits``), else programs of :data:`FP_CHUNK`."""
@@ -126,6 +141,13 @@ if HAVE_GLUON:
     _G = gl.constexpr(G_PAD)
     _BN = gl.constexpr(BLOCK_N)
     _NEG = gl.constexpr(-1.0e30)
+
+    @gluon.jit
+    def _clock():
+        """(the global timer in ns, this SM's id)."""
+        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+        sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        return t, sm
 
     @gluon.jit
     def _launch_dependents():
@@ -302,11 +324,12 @@ if HAVE_GLUON:
         k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr,
         v_ptr, svb, svh, rv_ptr, srvb, srvh, vs_ptr,
         fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt,
-        pm_ptr, pl_ptr, pacc_ptr, start_ptr, lens_ptr,
+        pm_ptr, pl_ptr, pacc_ptr, start_ptr, lens_ptr, times_ptr,
         Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, n_slots, qscale,
         K_BITS: gl.constexpr, K_NSEP: gl.constexpr, V_BITS: gl.constexpr, V_NSEP: gl.constexpr,
         HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr, SEP_FP: gl.constexpr,
-        IN_FP: gl.constexpr, FPC: gl.constexpr, EARLY: gl.constexpr, FDT: gl.constexpr,
+        IN_FP: gl.constexpr, FPC: gl.constexpr, EARLY: gl.constexpr, RELEASE: gl.constexpr, TIMES: gl.constexpr,
+        FDT: gl.constexpr,
         MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
         BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, KC: gl.constexpr,
         VC: gl.constexpr,
@@ -320,6 +343,11 @@ if HAVE_GLUON:
         for this grid's results), else once every program's loop is done."""
         pid_bh = gl.program_id(0)
         sid = gl.program_id(1)
+        if TIMES:  # record_program_times
+            t0, smid = _clock()
+            tp = times_ptr + (pid_bh * gl.num_programs(1) + sid) * 4
+            gl.store(tp, t0)
+            gl.store(tp + 3, smid.to(gl.int64))
         if EARLY:
             _launch_dependents()
         n_fsp = n_slots - num_splits
@@ -349,12 +377,18 @@ if HAVE_GLUON:
             _quant_part(q, sqh, k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr, v_ptr, svb, svh, rv_ptr, srvb, srvh,
                         vs_ptr, pm_ptr, pl_ptr, pacc_ptr, b, h, start, G, n_quant, n_sinks, chunk, num_splits,
                         pid_bh * n_slots + sid, sid, qscale, K_BITS, K_NSEP, V_BITS, V_NSEP, HAS_START, DEV_LENS,
-                        STAGES, EARLY, MMA, KW, VW, OPA, OPB, BL, RL, SM3, KC, VC)
+                        STAGES, EARLY, RELEASE, MMA, KW, VW, OPA, OPB, BL, RL, SM3, KC, VC)
+            if TIMES:
+                t1, _ = _clock()
+                gl.store(times_ptr + (gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)) * 4 + 1, t1)
             if IN_FP:  # then the fp16 chunks j = sid (mod num_splits); pointers recomputed: nothing kept over the loop
                 _fp_chunks(q_ptr, sqb, sqh, qscale, G, fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt,
                            (gl.program_id(0) // Hkv).to(gl.int64), gl.program_id(0) % Hkv, sid, n_fsp, num_splits,
                            gl.program_id(0) * n_slots + num_splits, n_fp, n_sinks, n_quant, start, pm_ptr, pl_ptr,
                            pacc_ptr, FPC, HAS_START, FDT, MMA, OPA, OPB, BL, False)
+        if TIMES:
+            t2, _ = _clock()
+            gl.store(times_ptr + (gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)) * 4 + 2, t2)
 
     @gluon.jit
     def _fp_chunks(q_ptr, sqb, sqh, qscale, G, fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt, b, h, j_lo, j_hi,
@@ -375,6 +409,61 @@ if HAVE_GLUON:
                      FDT, MMA, OPA, OPB, BL, TRIGGER)
 
     @gluon.jit
+    def _issue(ksm, vsm, rksm, rvsm, st, n1, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, SKT: gl.constexpr,
+               SVT: gl.constexpr):
+        """Request the tile of tokens [n1, n1 + BLOCK_N) (those < hi) into stage st: codes and r, one copy group."""
+        _async_load(ksm.index(st), kp + n1 * SKT + kwo, mask=(n1 + kt < hi)[:, None])
+        _async_load(vsm.index(st), vp + n1 * SVT + vwo, mask=(n1 + vt < hi)[:, None])
+        _async_load(rksm.index(st), rkp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
+        _async_load(rvsm.index(st), rvp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _tile(kw, rk, vw, rv, v_stage, rv_stage, n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq, m_i, l8, pvs, acc0,
+              acc1, acc2, acc3, K_BITS: gl.constexpr, V_BITS: gl.constexpr, HAS_START: gl.constexpr,
+              LATE_V: gl.constexpr, MMA: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr):
+        """One tile of tokens [n0, n0 + BLOCK_N) (those < hi count): scores from the key words and r, online softmax,
+        values. LATE_V: the value words and r are read from their stage here, after the scores (fewer registers
+        live), else they come in ``vw``/``rv``. Returns the running state; acc2/acc3 only change at 2-bit values
+        (the caller passes placeholders otherwise), q2/q3 only count at 2-bit keys."""
+        BN: gl.constexpr = kw.shape[0]
+        K_P: gl.constexpr = 8 // K_BITS
+        V_P: gl.constexpr = 8 // V_BITS
+        tr = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+        s = mma_v2(_k_operand(kw, 0, K_BITS, OPA), q0, gl.zeros([BN, _G], gl.float32, layout=MMA))
+        s = mma_v2(_k_operand(kw, 1, K_BITS, OPA), q1, s)
+        if K_P > 2:
+            s = mma_v2(_k_operand(kw, 2, K_BITS, OPA), q2, s)
+            s = mma_v2(_k_operand(kw, 3, K_BITS, OPA), q3, s)
+        t = n0 + tr
+        s = (s * _TWO24 - qoff[None, :]) * (rk.to(gl.float32) * rq)[:, None]
+        valid = t < hi
+        if HAS_START:
+            valid = valid & (t + n_sinks >= start)
+        s = gl.where(valid[:, None], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        p = gl.exp2(s - m_new[None, :])
+        alpha = gl.exp2(m_i - m_new)
+        l8 = _scale_cols(l8, alpha) + _rows8(p)
+        m_i = m_new
+        if LATE_V:
+            rv = rv_stage.reshape([BN]).load(gl.SliceLayout(1, MMA))
+        rv = gl.where(t < hi, rv.to(gl.float32), 0.0)  # a word's second token may lie past the end
+        pv = (p * rv[:, None]).to(gl.float16)
+        pvs = _scale_cols(pvs, alpha) + _rows8(pv.to(gl.float32))
+        pt = _p_operand(pv, OPB)
+
+        if LATE_V:
+            vw = v_stage.load(VW).to(gl.uint32, bitcast=True)
+        x01, x23 = _v_pairs(vw)
+        acc0 = mma_v2(_v_operand(x01, x23, 0, V_BITS, OPA), pt, acc0 * alpha[None, :])
+        acc1 = mma_v2(_v_operand(x01, x23, 1, V_BITS, OPA), pt, acc1 * alpha[None, :])
+        if V_P > 2:
+            acc2 = mma_v2(_v_operand(x01, x23, 2, V_BITS, OPA), pt, acc2 * alpha[None, :])
+            acc3 = mma_v2(_v_operand(x01, x23, 3, V_BITS, OPA), pt, acc3 * alpha[None, :])
+        return m_i, l8, pvs, acc0, acc1, acc2, acc3
+
+    @gluon.jit
     def _quant_part(
         q, sqh,
         k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr,
@@ -383,12 +472,14 @@ if HAVE_GLUON:
         G, n_quant, n_sinks, chunk, num_splits, part, sid, qscale,
         K_BITS: gl.constexpr, K_NSEP: gl.constexpr, V_BITS: gl.constexpr, V_NSEP: gl.constexpr,
         HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr, EARLY: gl.constexpr,
-        MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
-        BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, KC: gl.constexpr,
+        RELEASE: gl.constexpr, MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr,
+        OPB: gl.constexpr, BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, KC: gl.constexpr,
         VC: gl.constexpr,
     ):
         """One quantized split: tokens [sid * chunk, ...) of one KV head, for its G query heads, into partial
-        ``part``."""
+        ``part``. RELEASE: each stage is read into registers as soon as its tile lands and refilled at once, so that
+        STAGES tiles (not STAGES - 1) are in flight while one is computed, at the cost of the value words' registers
+        over the scores' part of the loop."""
         BN: gl.constexpr = _BN
         K_P: gl.constexpr = 8 // K_BITS
         V_P: gl.constexpr = 8 // V_BITS
@@ -421,7 +512,6 @@ if HAVE_GLUON:
         # (by its first token: the host keeps the capacity even, so the second is always inside the row)
         rw = gl.arange(0, BN // 2, layout=gl.SliceLayout(1, RL))
         ro = 2 * rw[:, None] + gl.arange(0, 2, layout=gl.SliceLayout(0, RL))[None, :]
-        tr = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
 
         # ---- STAGES-deep asynchronous copies into shared memory, read back in the operand layouts; the first tiles
         # are requested before the query is prepared, so that their latency overlaps it
@@ -429,13 +519,9 @@ if HAVE_GLUON:
         vsm = gl.allocate_shared_memory(gl.int32, [STAGES, BN, VNW], SM3)
         rksm = gl.allocate_shared_memory(gl.float16, [STAGES, BN // 2, 2], SM3)
         rvsm = gl.allocate_shared_memory(gl.float16, [STAGES, BN // 2, 2], SM3)
-        for i in gl.static_range(STAGES - 1):
-            n1 = lo + i * BN
-            _async_load(ksm.index(i), kp + n1 * skt + kwo, mask=(n1 + kt < hi)[:, None])
-            _async_load(vsm.index(i), vp + n1 * svt + vwo, mask=(n1 + vt < hi)[:, None])
-            _async_load(rksm.index(i), rkp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
-            _async_load(rvsm.index(i), rvp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
-            async_copy.commit_group()
+        PRE: gl.constexpr = STAGES if RELEASE else STAGES - 1  # tiles requested ahead of the one computed
+        for i in gl.static_range(PRE):
+            _issue(ksm, vsm, rksm, rvsm, i, lo + i * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, skt, svt)
         # ---- the query, once: pre-scaled, normalised to a max of 2^14, per slice, as the B operand in registers
         ksp = ks_ptr + h * _D
         qk0 = _q_operand(q, sqh, ksp, qscale, G, 0, K_BITS, K_NSEP, BL)
@@ -478,51 +564,43 @@ if HAVE_GLUON:
             acc2 = gl.zeros([_D // V_P, _G], gl.float32, layout=MMA)
             acc3 = gl.zeros([_D // V_P, _G], gl.float32, layout=MMA)
 
+        if K_P == 2:  # placeholders of the slices that 4-bit keys / values do not have
+            q2 = q0
+            q3 = q1
+        if V_P == 2:
+            acc2 = acc0
+            acc3 = acc1
         ld = 0
         st = STAGES - 1
         for n0 in range(lo, hi, BN):
-            # every lane is done reading the stage about to be refilled (r is read back by other lanes)
-            _barrier()
-            n1 = n0 + (STAGES - 1) * BN
-            _async_load(ksm.index(st), kp + n1 * skt + kwo, mask=(n1 + kt < hi)[:, None])
-            _async_load(vsm.index(st), vp + n1 * svt + vwo, mask=(n1 + vt < hi)[:, None])
-            _async_load(rksm.index(st), rkp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
-            _async_load(rvsm.index(st), rvp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
-            async_copy.commit_group()
-            async_copy.wait_group(STAGES - 1)
-            _barrier()
-            kw = ksm.index(ld).load(KW).to(gl.uint32, bitcast=True)
-            rk = rksm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
-
-            s = mma_v2(_k_operand(kw, 0, K_BITS, OPA), q0, gl.zeros([BN, _G], gl.float32, layout=MMA))
-            s = mma_v2(_k_operand(kw, 1, K_BITS, OPA), q1, s)
-            if K_P > 2:
-                s = mma_v2(_k_operand(kw, 2, K_BITS, OPA), q2, s)
-                s = mma_v2(_k_operand(kw, 3, K_BITS, OPA), q3, s)
-            t = n0 + tr
-            s = (s * _TWO24 - qoff[None, :]) * (rk.to(gl.float32) * rq)[:, None]
-            valid = t < hi
-            if HAS_START:
-                valid = valid & (t + n_sinks >= start)
-            s = gl.where(valid[:, None], s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=0))
-            p = gl.exp2(s - m_new[None, :])
-            alpha = gl.exp2(m_i - m_new)
-            l8 = _scale_cols(l8, alpha) + _rows8(p)
-            m_i = m_new
-            rv = rvsm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
-            rv = gl.where(t < hi, rv.to(gl.float32), 0.0)  # a word's second token may lie past the end
-            pv = (p * rv[:, None]).to(gl.float16)
-            pvs = _scale_cols(pvs, alpha) + _rows8(pv.to(gl.float32))
-            pt = _p_operand(pv, OPB)
-
-            vw = vsm.index(ld).load(VW).to(gl.uint32, bitcast=True)
-            x01, x23 = _v_pairs(vw)
-            acc0 = mma_v2(_v_operand(x01, x23, 0, V_BITS, OPA), pt, acc0 * alpha[None, :])
-            acc1 = mma_v2(_v_operand(x01, x23, 1, V_BITS, OPA), pt, acc1 * alpha[None, :])
+            if RELEASE:
+                # tile n0 landed (the oldest group): read all of it, then refill its stage with tile n0 + PRE * BN
+                async_copy.wait_group(STAGES - 1)
+                _barrier()
+                kw = ksm.index(ld).load(KW).to(gl.uint32, bitcast=True)
+                rk = rksm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
+                vw = vsm.index(ld).load(VW).to(gl.uint32, bitcast=True)
+                rv = rvsm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
+                _barrier()  # every lane is done reading the stage (r is read back by other lanes)
+                st = ld
+            else:
+                # every lane is done reading the stage about to be refilled (r is read back by other lanes)
+                _barrier()
+            _issue(ksm, vsm, rksm, rvsm, st, n0 + PRE * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, skt,
+                   svt)
+            if not RELEASE:
+                async_copy.wait_group(STAGES - 1)
+                _barrier()
+                kw = ksm.index(ld).load(KW).to(gl.uint32, bitcast=True)
+                rk = rksm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
+                vw = kw  # read by _tile from the stage, after the scores
+                rv = rk
+            m_i, l8, pvs, acc0, acc1, a2, a3 = _tile(
+                kw, rk, vw, rv, vsm.index(ld), rvsm.index(ld), n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq,
+                m_i, l8, pvs, acc0, acc1, acc2, acc3, K_BITS, V_BITS, HAS_START, not RELEASE, MMA, VW, OPA, OPB)
             if V_P > 2:
-                acc2 = mma_v2(_v_operand(x01, x23, 2, V_BITS, OPA), pt, acc2 * alpha[None, :])
-                acc3 = mma_v2(_v_operand(x01, x23, 3, V_BITS, OPA), pt, acc3 * alpha[None, :])
+                acc2 = a2
+                acc3 = a3
             st = ld
             ld = gl.where(ld == STAGES - 1, 0, ld + 1)
         async_copy.wait_group(0)
@@ -580,13 +658,14 @@ def supported(q, k_fmt, v_fmt, k_data, v_data, k_r, v_r, fp_k, fp_v, d: int, G: 
 def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv: int, G: int,
            n_quant: int, n_fp: int, n_sinks: int, chunk: int, num_splits: int, qscale: float, k_nsep: int,
            v_nsep: int, k_bits: int, v_bits: int, has_start: bool, stages: int = 2, maxnreg: int = 0,
-           fp_in_splits: bool = True, early_trigger: bool = True):
+           fp_in_splits: bool = True, early_trigger: bool = True, release: bool = False):
     """Run every partial of :func:`kvcompile.kernels.decode._decode`: the quantized splits ``[0, num_splits)`` of each
     (batch, KV head) and, when ``n_fp > 0``, its fp16 slots in :func:`fp_splits` pieces (slots ``num_splits + j``),
     into the partial buffers (``pid * n_slots + slot``, ``n_slots = num_splits + fp_splits(n_fp, fp_in_splits)``).
     ``fp_in_splits``: the split programs attend to the fp16 chunks after their loops (else programs of their own do).
     ``early_trigger``: the dependent merge kernel may launch once every program has started (else once every
-    program's loop is done). Returns the compiled kernel.
+    program's loop is done). ``release``: a stage is refilled as soon as it is read into registers (see
+    ``_quant_part``). Returns the compiled kernel.
 
     ``maxnreg`` caps the registers per thread (0: 128 when keys and values are 2-bit, else 168): what the quantized
     loop needs without spilling. The fp16 slots' programs would raise the whole kernel to ~200 registers and cut the
@@ -600,15 +679,21 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
     fp_in = has_fp and fp_in_splits
     n_slots = num_splits + fp_splits(n_fp, fp_in)
     fdt = gl.bfloat16 if fp_k.dtype == torch.bfloat16 else gl.float16
+    times = _TIMES[0]
+    if times is not None and (times.dtype != torch.int64 or times.device != q.device
+                              or times.numel() < 4 * B * Hkv * (num_splits if fp_in else n_slots)):
+        raise ValueError("record_program_times: the buffer must be an int64 tensor on the query's device with 4 words "
+                         f"per program ({4 * B * Hkv * (num_splits if fp_in else n_slots)} here)")
     return _quant_split_kernel[(B * Hkv, num_splits if fp_in else n_slots)](
         q, q.stride(0), q.stride(1),
         k_data, k_data.stride(0) // 4, k_data.stride(1) // 4, k_r, k_r.stride(0) // 2, k_r.stride(1) // 2, k_scale,
         v_data, v_data.stride(0) // 4, v_data.stride(1) // 4, v_r, v_r.stride(0) // 2, v_r.stride(1) // 2, v_scale,
         fp_k, *(st // 8 for st in fp_k.stride()[:3]), fp_v, *(st // 8 for st in fp_v.stride()[:3]),
-        pm, pl, pacc, start, lens if lens is not None else start,
+        pm, pl, pacc, start, lens if lens is not None else start, times if times is not None else start,
         Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, n_slots, float(qscale),
         K_BITS=k_bits, K_NSEP=k_nsep, V_BITS=v_bits, V_NSEP=v_nsep,
         HAS_START=has_start, DEV_LENS=lens is not None, STAGES=stages, SEP_FP=has_fp and not fp_in, IN_FP=fp_in,
-        FPC=FP_CHUNK_IN if fp_in else FP_CHUNK, EARLY=early_trigger, FDT=fdt,
+        FPC=FP_CHUNK_IN if fp_in else FP_CHUNK, EARLY=early_trigger, RELEASE=release, TIMES=times is not None,
+        FDT=fdt,
         **gluon_layouts(k_bits, v_bits), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )

@@ -263,7 +263,7 @@ def test_bad_input() -> None:
 def test_bad_decode_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """Launch settings that cannot compile (tile sizes are arange extents and dot shapes) fail in one clear line."""
     for kw in ({"merge_block": 10}, {"v_lanes": 4}, {"block_n": 24}, {"block_f": 8}, {"gluon": 1},
-               {"gluon_stages": 1}, {"gluon_fp": 2}, {"gluon_trigger": -1}):
+               {"gluon_stages": 1}, {"gluon_fp": 2}, {"gluon_trigger": -1}, {"gluon_release": 2}):
         with pytest.raises(ValueError, match=f"DecodeConfig: {next(iter(kw))}="):
             dmod.DecodeConfig(**kw)
     monkeypatch.setenv("KVCOMPILE_DECODE_CONFIG", "merge_block=3")
