@@ -679,12 +679,13 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
     fp_in = has_fp and fp_in_splits
     n_slots = num_splits + fp_splits(n_fp, fp_in)
     fdt = gl.bfloat16 if fp_k.dtype == torch.bfloat16 else gl.float16
+    columns = num_splits if fp_in else n_slots
     times = _TIMES[0]
     if times is not None and (times.dtype != torch.int64 or times.device != q.device
-                              or times.numel() < 4 * B * Hkv * (num_splits if fp_in else n_slots)):
+                              or times.numel() < 4 * B * Hkv * columns):
         raise ValueError("record_program_times: the buffer must be an int64 tensor on the query's device with 4 words "
-                         f"per program ({4 * B * Hkv * (num_splits if fp_in else n_slots)} here)")
-    return _quant_split_kernel[(B * Hkv, num_splits if fp_in else n_slots)](
+                         f"per program ({4 * B * Hkv * columns} here)")
+    return _quant_split_kernel[(B * Hkv, columns)](
         q, q.stride(0), q.stride(1),
         k_data, k_data.stride(0) // 4, k_data.stride(1) // 4, k_r, k_r.stride(0) // 2, k_r.stride(1) // 2, k_scale,
         v_data, v_data.stride(0) // 4, v_data.stride(1) // 4, v_r, v_r.stride(0) // 2, v_r.stride(1) // 2, v_scale,
