@@ -77,6 +77,9 @@ from kvcompile.kernels.quantize import check_store, token_rows
 __all__ = ["DecodeConfig", "decode_attention", "decode_attention_reference", "pick_num_splits"]
 
 _LOG2E = 1.4426950408889634
+# DecodeConfig.gluon_claim's default where keys and values are both 4-bit: the share of a split's even part of its
+# KV head's tiles that is a fixed range (the rest handed out at run time); elsewhere 0 (see DecodeConfig)
+CLAIM_DEFAULT = 90
 # kinds of a K or V source, as the kernel sees them
 _FP, _SYM, _KIVI = 0, 1, 2
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked block then gives exp2(0) * 0, never NaN
@@ -700,8 +703,18 @@ class DecodeConfig:
     launch once every split program has started (it waits for their results), 0 = once every loop is done.
     ``gluon_release``: 1 = the Gluon loop reads each landed tile into registers at once and refills its stage
     (``gluon_stages`` tiles in flight instead of one fewer, for more registers), 0 = it refills after computing, -1
-    = 1 when keys and values are both 4-bit (H200, Llama-3-8B shape, batch 8, 32k, two runs: nsep-4 77.9 -> 77.2
-    and 78.0 -> 77.3 us; nsep-2 56.7 -> 59.9 and 56.6 -> 60.0, ``results/h200_v13_tune_{release,steal}.log``).
+    = 1 when keys and values are both 4-bit and ``gluon_claim`` is 0 (H200, Llama-3-8B shape, batch 8, 32k, two
+    runs: nsep-4 77.9 -> 77.2 and 78.0 -> 77.3 us; nsep-2 56.7 -> 59.9 and 56.6 -> 60.0,
+    ``results/h200_v13_tune_{release,steal}.log``).
+    ``gluon_claim``: 1-99 = each split program of the Gluon loop takes that percentage of its even share of the KV
+    head's tiles as a fixed range, and the head's remaining tiles go one at a time to whichever of its programs asks
+    first (run-time balancing of programs that the memory system serves at different speeds; the order in which a
+    head's tiles are summed then varies between runs, within rounding); 0 = fixed ranges only (bitwise
+    reproducible); -1 = :data:`CLAIM_DEFAULT` (90) when keys and values are both 4-bit, else 0. H200, Llama-3-8B
+    shape, batch 8, 32k, four runs (``results/h200_v14_tune*.log``): nsep-4 77.1 -> 75.4, 77.3 -> 75.5, 78.8 -> 77.0
+    and 77.2 -> 75.2 us with 90 (50 / 70 / 80 / 85 / 93 / 95: 82.2 / 79.2 / 77.0 / 76.0 / 75.5 / 77.1); nsep-2
+    57.2 -> 60.3 (its loop issues instructions at its limit, and claims add some). With claims the refill of
+    ``gluon_release`` is off by default: both together spill at the 4-bit register cap (78.5 us).
     """
 
     block_n: int = 0
@@ -718,6 +731,7 @@ class DecodeConfig:
     gluon_fp: int = -1
     gluon_trigger: int = 1
     gluon_release: int = -1
+    gluon_claim: int = -1
 
     def __post_init__(self) -> None:
         # tile sizes become tl.arange extents and dot shapes: powers of two (the row-group sums need >= 8 rows, the
@@ -735,12 +749,13 @@ class DecodeConfig:
             ("gluon_fp", self.gluon_fp, self.gluon_fp in (-1, 0, 1)),
             ("gluon_trigger", self.gluon_trigger, self.gluon_trigger in (0, 1)),
             ("gluon_release", self.gluon_release, self.gluon_release in (-1, 0, 1)),
+            ("gluon_claim", self.gluon_claim, -1 <= self.gluon_claim <= 99),
         ) if not ok]
         if bad:
             raise ValueError(f"DecodeConfig: {', '.join(bad)} (block_n: 0 or a power of two >= 16; block_f: a power "
                              "of two >= 16; merge_block: a power of two; v_lanes: -1, 0 or a power of two >= 8; "
                              "gluon: -1 or 0; gluon_stages: >= 2; gluon_fp: -1, 0 or 1; gluon_trigger: 0 or 1; "
-                             "gluon_release: -1, 0 or 1)")
+                             "gluon_release: -1, 0 or 1; gluon_claim: -1 to 99)")
 
     @classmethod
     def from_env(cls) -> Self:
@@ -1040,11 +1055,13 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
             raise ValueError("decode_attention needs tensors whose last axis is contiguous")
 
     if use_gluon:
-        release = cfg.gluon_release == 1 or (cfg.gluon_release == -1 and k_fmt.bits == v_fmt.bits == 4)
+        claim = cfg.gluon_claim if cfg.gluon_claim >= 0 else (CLAIM_DEFAULT if k_fmt.bits == v_fmt.bits == 4 else 0)
+        # (the refill's registers and the claims' together spill at the 4-bit register cap: by default, one of them)
+        release = cfg.gluon_release == 1 or (cfg.gluon_release == -1 and k_fmt.bits == v_fmt.bits == 4 and not claim)
         kernel = decode_gluon.launch(
             q, k_data, ka, ks, v_data, va, vs, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv, G, n_quant, n_fp, n_sinks,
             chunk, num_splits, qscale, kc["NSEP"], vc["NSEP"], kc["BITS"], vc["BITS"], seq_start is not None,
-            cfg.gluon_stages, cfg.maxnreg, fp_in, bool(cfg.gluon_trigger), release)
+            cfg.gluon_stages, cfg.maxnreg, fp_in, bool(cfg.gluon_trigger), release, claim=claim)
         num_warps = 1
     else:
         kernel = _decode_split_kernel[(B * Hkv, n_slots)](

@@ -20,8 +20,15 @@ tokens per step:
 * the **query** operand is built once per program and stays in registers.
 * tiles move global -> shared memory by 16-byte asynchronous copies, ``STAGES`` deep (2: measured best), and are
   read back in the layouts above. Only the softmax weights change layout inside the loop (by warp shuffles). With
-  ``RELEASE`` (the host's default when keys and values are 4-bit) a landed tile is read into registers whole and
-  its stage refilled at once: ``STAGES`` tiles in flight per program instead of ``STAGES - 1``.
+  ``RELEASE`` a landed tile is read into registers whole and its stage refilled then: ``STAGES`` tiles in flight
+  per program instead of ``STAGES - 1`` (as written; ptxas moves the score work above the value reads and the
+  barrier after them, so the refill is issued after the scores, not at once).
+* **tiles claimed at run time** (``CLAIM``, the host's default when keys and values are 4-bit): programs of equal
+  work end up to ~15 % apart (the memory system serves them unevenly), so each split program takes only CLAIM % of
+  its even share of the KV head's tiles as a fixed range; the rest go one tile at a time to whichever of the head's
+  programs asks first, by an atomic counter per head (:func:`launch_counters`) that is asked a tile ahead, so its
+  answer never stalls the loop. With claims the program's fp16 chunk comes before its loop, so that the programs
+  with a chunk claim fewer tiles.
 * the **fp16 slots** (sinks and recent tail) are cut into chunks, each its own partial. When the split programs fill
   the GPU's wave, split program ``j mod num_splits`` attends to chunk j (``FP_CHUNK_IN`` slots) after its loop, so
   that no split waits for a place on an SM; otherwise more programs of the same kernel take ``FP_CHUNK`` slots each,
@@ -57,8 +64,8 @@ try:  # Gluon is experimental and versioned with Triton; without it the Triton k
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["FP_CHUNK", "FP_CHUNK_IN", "HAVE_GLUON", "fp_splits", "gluon_layouts", "launch", "record_program_times",
-           "supported"]
+__all__ = ["FP_CHUNK", "FP_CHUNK_IN", "HAVE_GLUON", "fp_splits", "gluon_layouts", "launch", "launch_counters",
+           "record_program_times", "supported"]
 
 BLOCK_N = 64  # tokens per loop step: the M dimension of four 16-row MMA tiles, one warp
 FP_CHUNK = 32  # fp16 slots per program of their own (sinks + tail: 100-200 slots go to several short programs)
@@ -115,6 +122,7 @@ def gluon_layouts(k_bits: int, v_bits: int) -> dict:
         KC=_copy_layout(k_bits),
         VC=_copy_layout(v_bits),
         SM3=gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]),  # row-major stages
+        LN=gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32], warps_per_cta=[1], order=[0]),  # a lane each
     )
 
 
@@ -127,6 +135,28 @@ def record_program_times(buf=None) -> None:
     the program's start, after its quantized loop and partial store, and at its end, then its SM's id. ``None``
     stops recording (the default: the kernel then has no such code). See ``benchmarks/ncu_decode.py --programs``."""
     _TIMES[0] = buf
+
+
+_COUNTERS: dict = {}  # (device index, stream) -> int32 counters, zero between launches
+
+
+def launch_counters(device, n: int):
+    """At least ``n`` int32 counters for a launch on ``device``'s current stream, zero: per KV head ``bh`` of the
+    ``n_bh`` of a launch, the tiles claimed at run time (``[bh]``) and the split programs that stopped claiming
+    (``[n_bh + bh]``). Every launch leaves them at zero (the last of a head's programs resets the head's two). One
+    buffer per stream, so that launches on different streams never share counters; launches of one stream run one
+    after the other. A CUDA graph keeps the buffer of the stream it was captured on: replays of graphs captured on
+    one stream must not overlap (as with every buffer a graph holds). A buffer that must grow is replaced, and the
+    old one kept alive, since a captured graph may still point at it."""
+    import torch
+
+    if device.type != "cuda":  # (compiled without a GPU: benchmarks/kernel_sass.py)
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    bufs = _COUNTERS.setdefault(key, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 def fp_splits(n_fp: int, in_splits: bool = False) -> int:
@@ -324,12 +354,12 @@ if HAVE_GLUON:
         k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr,
         v_ptr, svb, svh, rv_ptr, srvb, srvh, vs_ptr,
         fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt,
-        pm_ptr, pl_ptr, pacc_ptr, start_ptr, lens_ptr, times_ptr,
+        pm_ptr, pl_ptr, pacc_ptr, start_ptr, lens_ptr, times_ptr, cnt_ptr,
         Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, n_slots, qscale,
         K_BITS: gl.constexpr, K_NSEP: gl.constexpr, V_BITS: gl.constexpr, V_NSEP: gl.constexpr,
         HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr, SEP_FP: gl.constexpr,
         IN_FP: gl.constexpr, FPC: gl.constexpr, EARLY: gl.constexpr, RELEASE: gl.constexpr, TIMES: gl.constexpr,
-        FDT: gl.constexpr,
+        FDT: gl.constexpr, CLAIM: gl.constexpr, LN: gl.constexpr,
         MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
         BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, KC: gl.constexpr,
         VC: gl.constexpr,
@@ -374,14 +404,22 @@ if HAVE_GLUON:
                        fsp + 1, 1, pid_bh * n_slots + num_splits, n_fp, n_sinks, n_quant, start, pm_ptr, pl_ptr,
                        pacc_ptr, FPC, HAS_START, FDT, MMA, OPA, OPB, BL, not EARLY)
         else:
+            if IN_FP and CLAIM > 0:
+                # fp16 chunk j = sid (mod num_splits) first: the programs with a chunk then claim fewer tiles, so that
+                # they end with the others
+                _fp_chunks(q_ptr, sqb, sqh, qscale, G, fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt, b, h, sid,
+                           n_fsp, num_splits, pid_bh * n_slots + num_splits, n_fp, n_sinks, n_quant, start, pm_ptr,
+                           pl_ptr, pacc_ptr, FPC, HAS_START, FDT, MMA, OPA, OPB, BL, False)
             _quant_part(q, sqh, k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr, v_ptr, svb, svh, rv_ptr, srvb, srvh,
                         vs_ptr, pm_ptr, pl_ptr, pacc_ptr, b, h, start, G, n_quant, n_sinks, chunk, num_splits,
-                        pid_bh * n_slots + sid, sid, qscale, K_BITS, K_NSEP, V_BITS, V_NSEP, HAS_START, DEV_LENS,
-                        STAGES, EARLY, RELEASE, MMA, KW, VW, OPA, OPB, BL, RL, SM3, KC, VC)
+                        pid_bh * n_slots + sid, sid, qscale, cnt_ptr + pid_bh, gl.num_programs(0), K_BITS, K_NSEP,
+                        V_BITS, V_NSEP, HAS_START, DEV_LENS, STAGES, EARLY, RELEASE, CLAIM, LN, MMA, KW, VW, OPA, OPB,
+                        BL, RL, SM3, KC, VC)
             if TIMES:
                 t1, _ = _clock()
                 gl.store(times_ptr + (gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)) * 4 + 1, t1)
-            if IN_FP:  # then the fp16 chunks j = sid (mod num_splits); pointers recomputed: nothing kept over the loop
+            if IN_FP and CLAIM == 0:
+                # then the fp16 chunks j = sid (mod num_splits); pointers recomputed: nothing kept over the loop
                 _fp_chunks(q_ptr, sqb, sqh, qscale, G, fk_ptr, sfkb, sfkh, sfkt, fv_ptr, sfvb, sfvh, sfvt,
                            (gl.program_id(0) // Hkv).to(gl.int64), gl.program_id(0) % Hkv, sid, n_fsp, num_splits,
                            gl.program_id(0) * n_slots + num_splits, n_fp, n_sinks, n_quant, start, pm_ptr, pl_ptr,
@@ -417,6 +455,46 @@ if HAVE_GLUON:
         _async_load(rksm.index(st), rkp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
         _async_load(rvsm.index(st), rvp + n1 + ro, mask=(n1 + 2 * rw < hi)[:, None])
         async_copy.commit_group()
+
+    @gluon.jit
+    def _claim(cnt, lane, need):
+        """Ask the head's counter for the next dynamic tile (an atomic in lane 0 when ``need``). The answer stays in
+        lane 0's register until :func:`_tile_at` reads it, a tile of work later, so its latency is hidden."""
+        # inline PTX, lane 0 only, at the address cnt + 4 * laneid formed inside: at an address that ptxas sees is
+        # the same in every lane it makes the atomic warp-aggregated, and the shuffle that hands out the result
+        # would stall the warp for the round trip right here (gl.atomic_add does that)
+        return gl.inline_asm_elementwise(
+            "{ .reg .pred p, q; .reg .u32 l; .reg .u64 a; mov.u32 l, %laneid; mov.u32 $0, 0; setp.ne.u32 q, $3, 0;"
+            " setp.eq.and.u32 p, l, 0, q; mad.wide.u32 a, l, 4, $2; @p atom.relaxed.gpu.global.add.u32 $0, [a], 1; }",
+            "=r,r,l,r", [lane, cnt.to(gl.int64, bitcast=True), need.to(gl.int32)], dtype=gl.int32, is_pure=False,
+            pack=1)
+
+    @gluon.jit
+    def _tile_at(c, lane, need, p, F, s0, dyn0, R):
+        """The tile at position p of a program's sequence: static ``s0 + p`` below F, else the claimed dynamic tile
+        (``dyn0 + claim``), -1 once the claims ran out (or none was made)."""
+        got = gl.max(gl.where(lane == 0, c, 0), axis=0)
+        return gl.where(p < F, s0 + p, gl.where(need & (got < R), dyn0 + got, -1))
+
+    @gluon.jit
+    def _land(ksm, vsm, rksm, rvsm, ld, STAGES: gl.constexpr, ALL: gl.constexpr, KW: gl.constexpr,
+              VW: gl.constexpr, MMA: gl.constexpr):
+        """Wait for stage ``ld``'s tile (the oldest copy group) and read its keys and key r, and with ALL its values
+        and value r too, then make sure every lane is done reading the stage (r is read back by other lanes). Without
+        ALL the values are placeholders: :func:`_tile` reads them from the stage after the scores."""
+        BN: gl.constexpr = _BN
+        async_copy.wait_group(STAGES - 1)
+        _barrier()
+        kw = ksm.index(ld).load(KW).to(gl.uint32, bitcast=True)
+        rk = rksm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
+        if ALL:
+            vw = vsm.index(ld).load(VW).to(gl.uint32, bitcast=True)
+            rv = rvsm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
+            _barrier()
+        else:
+            vw = kw
+            rv = rk
+        return kw, rk, vw, rv
 
     @gluon.jit
     def _tile(kw, rk, vw, rv, v_stage, rv_stage, n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq, m_i, l8, pvs, acc0,
@@ -469,17 +547,18 @@ if HAVE_GLUON:
         k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr,
         v_ptr, svb, svh, rv_ptr, srvb, srvh, vs_ptr,
         pm_ptr, pl_ptr, pacc_ptr, b, h, start,
-        G, n_quant, n_sinks, chunk, num_splits, part, sid, qscale,
+        G, n_quant, n_sinks, chunk, num_splits, part, sid, qscale, cnt, n_bh,
         K_BITS: gl.constexpr, K_NSEP: gl.constexpr, V_BITS: gl.constexpr, V_NSEP: gl.constexpr,
         HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr, EARLY: gl.constexpr,
-        RELEASE: gl.constexpr, MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr,
-        OPB: gl.constexpr, BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, KC: gl.constexpr,
-        VC: gl.constexpr,
+        RELEASE: gl.constexpr, CLAIM: gl.constexpr, LN: gl.constexpr, MMA: gl.constexpr, KW: gl.constexpr,
+        VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr, BL: gl.constexpr, RL: gl.constexpr,
+        SM3: gl.constexpr, KC: gl.constexpr, VC: gl.constexpr,
     ):
-        """One quantized split: tokens [sid * chunk, ...) of one KV head, for its G query heads, into partial
-        ``part``. RELEASE: each stage is read into registers as soon as its tile lands and refilled at once, so that
-        STAGES tiles (not STAGES - 1) are in flight while one is computed, at the cost of the value words' registers
-        over the scores' part of the loop."""
+        """One quantized split: tokens [sid * chunk, ...) of one KV head (with CLAIM: a fixed range of tiles, then
+        tiles claimed at run time; see :func:`launch`), for its G query heads, into partial ``part``. RELEASE: each
+        stage is read into registers as soon as its tile lands and refilled at once, so that STAGES tiles (not
+        STAGES - 1) are in flight while one is computed, at the cost of the value words' registers over the scores'
+        part of the loop."""
         BN: gl.constexpr = _BN
         K_P: gl.constexpr = 8 // K_BITS
         V_P: gl.constexpr = 8 // V_BITS
@@ -499,8 +578,19 @@ if HAVE_GLUON:
         vp = v_ptr + b * (svb * 4) + h * (svh * 4)
         rkp = rk_ptr + b * (srkb * 2) + h * (srkh * 2)
         rvp = rv_ptr + b * (srvb * 2) + h * (srvh * 2)
-        lo = (sid * chunk) // BN * BN  # == sid * chunk (whole tiles); in this form the compiler sees the alignment
-        hi = gl.minimum(lo + chunk, n_quant)
+        if CLAIM > 0:
+            # the head's T tiles: F static ones per program (tiles [sid * F, sid * F + F)), the R after all of them
+            # handed out one at a time by the head's counter (cnt) to whichever program asks first
+            T = gl.cdiv(n_quant, BN)
+            F = (T * CLAIM) // (num_splits * 100)
+            s0 = sid * F
+            dyn0 = F * num_splits
+            R = T - dyn0
+            lane = gl.arange(0, 32, layout=LN)
+            hi = n_quant
+        else:
+            lo = (sid * chunk) // BN * BN  # == sid * chunk (whole tiles); in this form the compiler sees the alignment
+            hi = gl.minimum(lo + chunk, n_quant)
 
         # ---- offsets of one tile: the copies move 16 bytes per lane along the rows (the operand layouts then read
         # them back from the row-major stages without bank conflicts)
@@ -520,8 +610,25 @@ if HAVE_GLUON:
         rksm = gl.allocate_shared_memory(gl.float16, [STAGES, BN // 2, 2], SM3)
         rvsm = gl.allocate_shared_memory(gl.float16, [STAGES, BN // 2, 2], SM3)
         PRE: gl.constexpr = STAGES if RELEASE else STAGES - 1  # tiles requested ahead of the one computed
-        for i in gl.static_range(PRE):
-            _issue(ksm, vsm, rksm, rvsm, i, lo + i * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, skt, svt)
+        if CLAIM > 0:
+            # positions 0 .. PRE - 1 (a claim read at once only when a program has fewer static tiles than that)
+            c = _claim(cnt, lane, F < 1)
+            t0 = _tile_at(c, lane, F < 1, 0, F, s0, dyn0, R)
+            _issue(ksm, vsm, rksm, rvsm, 0, gl.where(t0 >= 0, t0, T) * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt,
+                   rw, skt, svt)
+            t1 = t0
+            if PRE > 1:
+                cneed = (F < 2) & (t0 >= 0)
+                c = _claim(cnt, lane, cneed)
+                t1 = _tile_at(c, lane, cneed, 1, F, s0, dyn0, R)
+                _issue(ksm, vsm, rksm, rvsm, 1, gl.where(t1 >= 0, t1, T) * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro,
+                       kt, vt, rw, skt, svt)
+            cneed = (F < PRE + 1) & (t1 >= 0)
+            c = _claim(cnt, lane, cneed)  # position PRE's, read in the first iteration
+        else:
+            for i in gl.static_range(PRE):
+                _issue(ksm, vsm, rksm, rvsm, i, lo + i * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, skt,
+                       svt)
         # ---- the query, once: pre-scaled, normalised to a max of 2^14, per slice, as the B operand in registers
         ksp = ks_ptr + h * _D
         qk0 = _q_operand(q, sqh, ksp, qscale, G, 0, K_BITS, K_NSEP, BL)
@@ -572,38 +679,69 @@ if HAVE_GLUON:
             acc3 = acc1
         ld = 0
         st = STAGES - 1
-        for n0 in range(lo, hi, BN):
-            if RELEASE:
-                # tile n0 landed (the oldest group): read all of it, then refill its stage with tile n0 + PRE * BN
-                async_copy.wait_group(STAGES - 1)
-                _barrier()
-                kw = ksm.index(ld).load(KW).to(gl.uint32, bitcast=True)
-                rk = rksm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
-                vw = vsm.index(ld).load(VW).to(gl.uint32, bitcast=True)
-                rv = rvsm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
-                _barrier()  # every lane is done reading the stage (r is read back by other lanes)
+        if CLAIM > 0:
+            # tiles in order of position: this program's static ones, then claimed ones until the claims run out
+            # (t0: the tile computed, t1: the next, already requested when PRE == 2; -1 = none)
+            i = 0
+            while t0 >= 0:
+                p = i + PRE
+                tp = _tile_at(c, lane, cneed, p, F, s0, dyn0, R)  # the claim read here was made a tile ago
+                nneed = (p + 1 >= F) & (tp >= 0)
+                if RELEASE:  # the landed tile is read whole, and its stage refilled at once
+                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, True, KW, VW, MMA)
+                    st = ld
+                else:
+                    _barrier()  # every lane is done reading the stage about to be refilled
+                _issue(ksm, vsm, rksm, rvsm, st, gl.where(tp >= 0, tp, T) * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro,
+                       kt, vt, rw, skt, svt)
+                if not RELEASE:
+                    c = _claim(cnt, lane, nneed)  # for position p + 1, read in the next iteration
+                    cneed = nneed
+                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, False, KW, VW, MMA)
+                m_i, l8, pvs, acc0, acc1, a2, a3 = _tile(
+                    kw, rk, vw, rv, vsm.index(ld), rvsm.index(ld), t0 * BN, hi, n_sinks, start, q0, q1, q2, q3, qoff,
+                    rq, m_i, l8, pvs, acc0, acc1, acc2, acc3, K_BITS, V_BITS, HAS_START, not RELEASE, MMA, VW, OPA,
+                    OPB)
+                if V_P > 2:
+                    acc2 = a2
+                    acc3 = a3
+                if RELEASE:
+                    # the claim for position p + 1 once the tile's words are dead (a claim pending over the tile's
+                    # work spills at RELEASE's register use, and the spill's store waits for the round trip); its
+                    # answer is read after the next tile's wait
+                    c = _claim(cnt, lane, nneed)
+                    cneed = nneed
+                if PRE > 1:
+                    t0 = t1
+                    t1 = tp
+                else:
+                    t0 = tp
+                i += 1
                 st = ld
-            else:
-                # every lane is done reading the stage about to be refilled (r is read back by other lanes)
-                _barrier()
-            _issue(ksm, vsm, rksm, rvsm, st, n0 + PRE * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, skt,
-                   svt)
-            if not RELEASE:
-                async_copy.wait_group(STAGES - 1)
-                _barrier()
-                kw = ksm.index(ld).load(KW).to(gl.uint32, bitcast=True)
-                rk = rksm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
-                vw = kw  # read by _tile from the stage, after the scores
-                rv = rk
-            m_i, l8, pvs, acc0, acc1, a2, a3 = _tile(
-                kw, rk, vw, rv, vsm.index(ld), rvsm.index(ld), n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq,
-                m_i, l8, pvs, acc0, acc1, acc2, acc3, K_BITS, V_BITS, HAS_START, not RELEASE, MMA, VW, OPA, OPB)
-            if V_P > 2:
-                acc2 = a2
-                acc3 = a3
-            st = ld
-            ld = gl.where(ld == STAGES - 1, 0, ld + 1)
+                ld = gl.where(ld == STAGES - 1, 0, ld + 1)
+        else:
+            for n0 in range(lo, hi, BN):
+                if RELEASE:  # the landed tile is read whole, and its stage refilled at once
+                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, True, KW, VW, MMA)
+                    st = ld
+                else:
+                    _barrier()  # every lane is done reading the stage about to be refilled
+                _issue(ksm, vsm, rksm, rvsm, st, n0 + PRE * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, skt,
+                       svt)
+                if not RELEASE:
+                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, False, KW, VW, MMA)
+                m_i, l8, pvs, acc0, acc1, a2, a3 = _tile(
+                    kw, rk, vw, rv, vsm.index(ld), rvsm.index(ld), n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq,
+                    m_i, l8, pvs, acc0, acc1, acc2, acc3, K_BITS, V_BITS, HAS_START, not RELEASE, MMA, VW, OPA, OPB)
+                if V_P > 2:
+                    acc2 = a2
+                    acc3 = a3
+                st = ld
+                ld = gl.where(ld == STAGES - 1, 0, ld + 1)
         async_copy.wait_group(0)
+        if CLAIM > 0:
+            # this program claims no more: count it (release: its claims are ordered before)
+            done = gl.atomic_add(cnt + n_bh + lane * 0, lane * 0 + 1, mask=lane == 0, sem="acq_rel")
         if not EARLY:
             _launch_dependents()  # the merge kernel may start launching (it waits for this grid to finish)
 
@@ -619,6 +757,12 @@ if HAVE_GLUON:
         g = gl.arange(0, _G, layout=gl.SliceLayout(0, MMA))
         gl.store(pm_ptr + part * G + g, m_i, mask=g < G)
         gl.store(pl_ptr + part * G + g, l_i, mask=g < G)
+        if CLAIM > 0:
+            # the head's last program to stop claiming leaves both counters at zero for the next launch on this
+            # stream (every program of the head has made its last claim before counting itself)
+            last = (lane == 0) & (gl.max(gl.where(lane == 0, done, 0), axis=0) == num_splits - 1)
+            gl.atomic_xchg(cnt + lane * 0, lane * 0, mask=last, sem="relaxed")
+            gl.atomic_xchg(cnt + n_bh + lane * 0, lane * 0, mask=last, sem="relaxed")
 
 
 @cache
@@ -658,14 +802,17 @@ def supported(q, k_fmt, v_fmt, k_data, v_data, k_r, v_r, fp_k, fp_v, d: int, G: 
 def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv: int, G: int,
            n_quant: int, n_fp: int, n_sinks: int, chunk: int, num_splits: int, qscale: float, k_nsep: int,
            v_nsep: int, k_bits: int, v_bits: int, has_start: bool, stages: int = 2, maxnreg: int = 0,
-           fp_in_splits: bool = True, early_trigger: bool = True, release: bool = False):
+           fp_in_splits: bool = True, early_trigger: bool = True, release: bool = False, claim: int = 0):
     """Run every partial of :func:`kvcompile.kernels.decode._decode`: the quantized splits ``[0, num_splits)`` of each
     (batch, KV head) and, when ``n_fp > 0``, its fp16 slots in :func:`fp_splits` pieces (slots ``num_splits + j``),
     into the partial buffers (``pid * n_slots + slot``, ``n_slots = num_splits + fp_splits(n_fp, fp_in_splits)``).
     ``fp_in_splits``: the split programs attend to the fp16 chunks after their loops (else programs of their own do).
     ``early_trigger``: the dependent merge kernel may launch once every program has started (else once every
     program's loop is done). ``release``: a stage is refilled as soon as it is read into registers (see
-    ``_quant_part``). Returns the compiled kernel.
+    ``_quant_part``). ``claim`` (0-99; 0 = off): each split program takes ``claim`` % of its even share of the
+    KV head's tiles as a fixed range, and the rest of the head's tiles are handed out one at a time, at run time, to
+    whichever of the head's programs asks first (:func:`launch_counters`; needs ``stages == 2`` and
+    ``num_splits > 1``, else off). Returns the compiled kernel.
 
     ``maxnreg`` caps the registers per thread (0: 128 when keys and values are 2-bit, else 168): what the quantized
     loop needs without spilling. The fp16 slots' programs would raise the whole kernel to ~200 registers and cut the
@@ -680,6 +827,8 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
     n_slots = num_splits + fp_splits(n_fp, fp_in)
     fdt = gl.bfloat16 if fp_k.dtype == torch.bfloat16 else gl.float16
     columns = num_splits if fp_in else n_slots
+    claim = claim if stages == 2 and num_splits > 1 else 0
+    cnt = launch_counters(q.device, 2 * B * Hkv) if claim else start
     times = _TIMES[0]
     if times is not None and (times.dtype != torch.int64 or times.device != q.device
                               or times.numel() < 4 * B * Hkv * columns):
@@ -690,11 +839,11 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
         k_data, k_data.stride(0) // 4, k_data.stride(1) // 4, k_r, k_r.stride(0) // 2, k_r.stride(1) // 2, k_scale,
         v_data, v_data.stride(0) // 4, v_data.stride(1) // 4, v_r, v_r.stride(0) // 2, v_r.stride(1) // 2, v_scale,
         fp_k, *(st // 8 for st in fp_k.stride()[:3]), fp_v, *(st // 8 for st in fp_v.stride()[:3]),
-        pm, pl, pacc, start, lens if lens is not None else start, times if times is not None else start,
+        pm, pl, pacc, start, lens if lens is not None else start, times if times is not None else start, cnt,
         Hkv, G, n_quant, n_fp, n_sinks, chunk, num_splits, n_slots, float(qscale),
         K_BITS=k_bits, K_NSEP=k_nsep, V_BITS=v_bits, V_NSEP=v_nsep,
         HAS_START=has_start, DEV_LENS=lens is not None, STAGES=stages, SEP_FP=has_fp and not fp_in, IN_FP=fp_in,
         FPC=FP_CHUNK_IN if fp_in else FP_CHUNK, EARLY=early_trigger, RELEASE=release, TIMES=times is not None,
-        FDT=fdt,
+        FDT=fdt, CLAIM=claim,
         **gluon_layouts(k_bits, v_bits), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )

@@ -29,11 +29,13 @@ def _compile_report() -> None:  # run in a child process: the tests' TRITON_INTE
     what its main loop holds, one JSON line per case."""
     from kvcompile.kernels.sass import capture_launch, compile_for, disassemble, loop_histogram
 
-    for k, v, n_fp in ((NSEP4, NSEP4, 132), (NSEP2, NSEP2, 132), (NSEP4, NSEP2, 132), (NSEP4, INT2, 0)):
+    for k, v, n_fp, cfg in ((NSEP4, NSEP4, 132, ""), (NSEP2, NSEP2, 132, ""), (NSEP4, NSEP2, 132, ""),
+                            (NSEP4, INT2, 0, ""), (NSEP4, NSEP4, 132, "gluon_claim=75")):
+        os.environ["KVCOMPILE_DECODE_CONFIG"] = cfg
         args, kw = capture_launch(k, v, 8, 32, 8, 128, 32768, n_fp=n_fp, gluon=True)
         kern, _ = compile_for(args, kw, 90, gluon=True)
         _, ops = loop_histogram(disassemble(kern.asm["cubin"]))
-        print(json.dumps({"bits": [k.bits, v.bits], "n_fp": n_fp, "shared": kern.metadata.shared,
+        print(json.dumps({"bits": [k.bits, v.bits], "n_fp": n_fp, "cfg": cfg, "shared": kern.metadata.shared,
                           "hmma": ops["HMMA"], "shfl": ops["SHFL"], "sts": ops["STS"] + ops["STSM"],
                           "ldl": ops["LDL"]}))
 
@@ -43,14 +45,15 @@ def test_gluon_loop_builds_its_operands_in_registers() -> None:
     """Compiled for sm_90: in the quantized loop the only layout change is the softmax weights' (a few shuffles): the
     key, value and query operands need no shuffle and no shared-memory store (the tiles arrive by asynchronous
     copies), and nothing spills. Shared memory is the copy stages (2 x 64 tokens of codes and r), plus the small
-    buffer of the fp16 slots' programs."""
+    buffer of the fp16 slots' programs. The same holds for 4-bit keys and values with tiles claimed at run time
+    (``gluon_claim``): the claims' loop state fits beside the operands without spilling."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     code = "from tests.kernels.test_decode_gluon import _compile_report as r; r()"
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4, res.stdout
+    assert len(rows) == 5, res.stdout
     for r in rows:
         kb, vb = r["bits"]
         stages = 2 * 64 * (4 * (kb + vb) * 128 // 32 + 2 * 2)  # words of codes + two fp16 r per token
@@ -89,16 +92,26 @@ def _cuda(x):
     return x
 
 
+def _counters_zero() -> None:
+    """Every launch leaves its run-time claim counters at zero (the next launch on the stream starts from them)."""
+    torch.cuda.synchronize()
+    for bufs in dg._COUNTERS.values():
+        for b in bufs:
+            assert not b.any(), f"claim counters left at {b.nonzero().flatten()[:8].tolist()}"
+
+
 @pytest.mark.gpu
 @needs_gluon
 @pytest.mark.parametrize("mode", ["", "gluon_fp=1", "gluon_fp=0,gluon_trigger=0", "gluon_release=0",
-                                  "gluon_release=1"])
+                                  "gluon_release=1", "gluon_claim=50", "gluon_claim=1,gluon_fp=1",
+                                  "gluon_claim=90,gluon_release=1", "gluon_claim=0"])
 @pytest.mark.parametrize("c", GPU_CASES, ids=str)
 def test_gluon_loop_matches_reference(c: Case, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # the fp16 chunks where the host puts them (at these sizes: programs of their own), in the split programs after
-    # their loops, or in programs of their own with the merge launched after every loop; and the loop that refills a
-    # stage as soon as it is read (the default at 4 bits) or not. Partials that no program wrote would be the NaNs
-    # the allocator hands back (_poison)
+    # their loops, or in programs of their own with the merge launched after every loop; the loop that refills a
+    # stage as soon as it is read or not; tiles claimed at run time (half of them, nearly
+    # all, a tenth with the refill; none, where 4-bit stores claim by default). Partials that no program wrote
+    # would be the NaNs the allocator hands back (_poison); a tile claimed twice or never would show in the error
     monkeypatch.setenv("KVCOMPILE_DECODE_CONFIG", mode)
     _poison()
     args, kw = build(c)
@@ -125,11 +138,13 @@ def test_gluon_loop_matches_reference(c: Case, mode: str, monkeypatch: pytest.Mo
     # (another split of the tokens: the same sums in another order, rounded to the output dtype)
     gerr = ((got.float() - out.float()).norm() / out.float().norm()).item()
     assert gerr < TOL[c.dtype] * 0.1, gerr
+    _counters_zero()
 
 
 @pytest.mark.gpu
 @needs_gluon
-@pytest.mark.parametrize("mode", ["gluon_fp=1", "gluon_fp=0,gluon_trigger=0", "gluon_fp=1,gluon_release=1"])
+@pytest.mark.parametrize("mode", ["gluon_fp=1", "gluon_fp=0,gluon_trigger=0", "gluon_fp=1,gluon_release=1",
+                                  "gluon_fp=1,gluon_claim=60", "gluon_fp=1,gluon_claim=0"])
 def test_gluon_loop_in_a_cuda_graph(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Captured once at the stores' capacity with lengths on the device (the merge a programmatic dependent of the
     split kernel), then replayed after the lengths change: each replay equals the reference at those lengths."""
@@ -161,4 +176,5 @@ def test_gluon_loop_in_a_cuda_graph(mode: str, monkeypatch: pytest.MonkeyPatch) 
         ref = dmod.decode_attention_reference(q, k_store, v_store, kf, vf, nq, fp_k, fp_v, nf, sinks, scaling, **kw)
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert err < TOL[c.dtype], f"lengths {nq}/{nf}: relative error {err:.2e}"
+        _counters_zero()
 
