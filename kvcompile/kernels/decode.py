@@ -50,7 +50,7 @@ One query token per sequence attends to ``n_quant`` quantized tokens (read packe
 On Hopper GPUs the common case (packed nsep / int-token keys and values of 2 or 4 bits at head_dim 128) runs the split
 programs in Gluon instead (:mod:`kvcompile.kernels.decode_gluon`: the same math and partials, operands built in
 registers; on an H200 up to 1.6x faster, and within 1 % at the one measured shape where it is not faster,
-benchmarks/RESULTS.md §1a″; current figures §1a⁗); ``_merge_kernel`` is then launched as its programmatic
+benchmarks/RESULTS.md §1a″; current figures §1a⁵); ``_merge_kernel`` is then launched as its programmatic
 dependent.
 ``DecodeConfig.gluon = 0`` keeps this module's split kernel everywhere.
 
@@ -80,6 +80,7 @@ _LOG2E = 1.4426950408889634
 # DecodeConfig.gluon_claim's default where keys and values are both 4-bit: the share of a split's even part of its
 # KV head's tiles that is a fixed range (the rest handed out at run time); elsewhere 0 (see DecodeConfig)
 CLAIM_DEFAULT = 90
+CLAIM_MIN_TILES = 8  # fixed tiles per split program below which a launch does not claim
 # kinds of a K or V source, as the kernel sees them
 _FP, _SYM, _KIVI = 0, 1, 2
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked block then gives exp2(0) * 0, never NaN
@@ -643,14 +644,16 @@ def _decode_split_kernel(
 
 
 @jit
-def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, sob, soh, Hq, G, n_slots,
-                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, sob, soh, Hq, G, n_slots, cnt_ptr,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                  CLAIMS: tl.constexpr = False):
     """out[b, hq] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the partials of one query head.
 
     One pass with a running maximum: the maxima, sums and accumulators of a block of partials are loaded together,
     so each block costs one round trip to memory (the kernel is pure latency: a few KB per program). PDL: launched
     as a programmatic dependent of the split kernel (which lets it launch before its last programs end), so it
-    first waits for that grid's results.
+    first waits for that grid's results. CLAIMS: the split grid claimed tiles at run time; the first program of
+    each KV head zeroes the head's counter (``cnt_ptr[bh]``) for the next launch, the grid being done with it.
     """
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -659,6 +662,8 @@ def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, sob, soh, Hq, G, n_slots,
     hq = pid % Hq
     base = (b * (Hq // G) + hq // G) * n_slots  # first partial slot of this (batch, KV head)
     g = hq % G
+    if CLAIMS and g == 0:
+        tl.store(cnt_ptr + b * (Hq // G) + hq // G, 0)
     d = tl.arange(0, D_PAD)
     acc = tl.zeros([D_PAD], tl.float32)
     den = tl.zeros([S_BLOCK], tl.float32)
@@ -710,11 +715,15 @@ class DecodeConfig:
     head's tiles as a fixed range, and the head's remaining tiles go one at a time to whichever of its programs asks
     first (run-time balancing of programs that the memory system serves at different speeds; the order in which a
     head's tiles are summed then varies between runs, within rounding); 0 = fixed ranges only (bitwise
-    reproducible); -1 = :data:`CLAIM_DEFAULT` (90) when keys and values are both 4-bit, else 0. H200, Llama-3-8B
-    shape, batch 8, 32k, four runs (``results/h200_v14_tune*.log``): nsep-4 77.1 -> 75.4, 77.3 -> 75.5, 78.8 -> 77.0
+    reproducible); -1 = :data:`CLAIM_DEFAULT` (90) when keys and values are both 4-bit and each split program
+    gets at least :data:`CLAIM_MIN_TILES` fixed tiles, else 0. H200, Llama-3-8B shape, batch 8, 32k, four
+    same-run pairs of a first form (whose programs also counted themselves at their end;
+    ``results/h200_v14_tune_{claim,claim2,release,wait}.log``): nsep-4 77.1 -> 75.4, 77.3 -> 75.5, 78.8 -> 77.0
     and 77.2 -> 75.2 us with 90 (50 / 70 / 80 / 85 / 93 / 95: 82.2 / 79.2 / 77.0 / 76.0 / 75.5 / 77.1); nsep-2
-    57.2 -> 60.3 (its loop issues instructions at its limit, and claims add some). With claims the refill of
-    ``gluon_release`` is off by default: both together spill at the 4-bit register cap (78.5 us).
+    57.2 -> 60.3 (its loop issues instructions at its limit, and claims add some). Final form: 75.6 us there (3.24x
+    SDPA); the sweep's other nsep-4 rows within -3.3 % to +1.6 % of 1a⁗'s without claims (another run;
+    ``results/h200_v14_sweep.log``, RESULTS.md §1a⁵). With claims the refill of ``gluon_release`` is off by
+    default: both together spill at the 4-bit register cap (78.5 us).
     """
 
     block_n: int = 0
@@ -1054,14 +1063,21 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         if t.stride(-1) != 1:
             raise ValueError("decode_attention needs tensors whose last axis is contiguous")
 
+    counters = None
     if use_gluon:
-        claim = cfg.gluon_claim if cfg.gluon_claim >= 0 else (CLAIM_DEFAULT if k_fmt.bits == v_fmt.bits == 4 else 0)
+        if cfg.gluon_claim >= 0:  # as asked (also on short programs, whose first claims may wait for an answer)
+            claim = cfg.gluon_claim if num_splits > 1 else 0
+        else:  # by default on programs of many tiles, several per KV head, at 4-bit keys and values
+            claim = CLAIM_DEFAULT if k_fmt.bits == v_fmt.bits == 4 and num_splits > 1 else 0
+            if -(-n_quant // block_n) * claim // (num_splits * 100) < CLAIM_MIN_TILES:
+                claim = 0
+        counters = decode_gluon.launch_counters(q.device, B * Hkv) if claim else None
         # (the refill's registers and the claims' together spill at the 4-bit register cap: by default, one of them)
         release = cfg.gluon_release == 1 or (cfg.gluon_release == -1 and k_fmt.bits == v_fmt.bits == 4 and not claim)
         kernel = decode_gluon.launch(
             q, k_data, ka, ks, v_data, va, vs, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv, G, n_quant, n_fp, n_sinks,
             chunk, num_splits, qscale, kc["NSEP"], vc["NSEP"], kc["BITS"], vc["BITS"], seq_start is not None,
-            cfg.gluon_stages, cfg.maxnreg, fp_in, bool(cfg.gluon_trigger), release, claim=claim)
+            cfg.gluon_stages, cfg.maxnreg, fp_in, bool(cfg.gluon_trigger), release, claim=claim, counters=counters)
         num_warps = 1
     else:
         kernel = _decode_split_kernel[(B * Hkv, n_slots)](
@@ -1092,9 +1108,9 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         _OCCUPANCY[occ_key] = min(occ, _OCCUPANCY.get(occ_key, occ))
     if not direct:
         _merge_kernel[(B * Hq,)](
-            pm, pl, pacc, out, out.stride(0), out.stride(1), Hq, G, n_slots,
+            pm, pl, pacc, out, out.stride(0), out.stride(1), Hq, G, n_slots, counters if counters is not None else pm,
             HEAD_DIM=d, D_PAD=next_pow2(d), S_BLOCK=min(cfg.merge_block, next_pow2(n_slots)), PDL=use_gluon,
-            num_warps=4, **({"launch_pdl": True} if use_gluon else {}),
+            CLAIMS=counters is not None, num_warps=4, **({"launch_pdl": True} if use_gluon else {}),
         )
     return out
 

@@ -36,9 +36,9 @@ tokens per step:
 * the programs write the partials of :mod:`kvcompile.kernels.decode`, whose merge kernel is launched as their
   programmatic dependent (by default it may launch as soon as every program has started; it waits for the results).
 
-Measured on an H200 (``benchmarks/RESULTS.md`` §1a⁗): Llama-3-8B shape, batch 8, 32k: nsep-4 78.6 us, nsep-2 57.1 us
-(SDPA 243.7: 3.10x / 4.27x; nsep-4 reads at 78 % of the measured HBM read bandwidth); batch 1 at 4k: 8.0 / 8.5 us
-(SDPA 11.7).
+Measured on an H200 (``benchmarks/RESULTS.md`` §1a⁵): Llama-3-8B shape, batch 8, 32k: nsep-4 75.6 us (SDPA 244.9:
+3.24x; it reads at 82 % of the measured HBM read bandwidth), nsep-2 56.9 us (SDPA 244.3: 4.29x); batch 1 at 4k:
+8.0 / 8.3 us (SDPA 11.5).
 
 Scope: Hopper GPUs (sm_90); nsep / int-token keys and values of 2 or 4 bits at head_dim 128, up to 8 query heads per
 KV head, fp16 or bf16 queries and fp16 slots, no soft-capping (:func:`supported`; the rest runs the Triton kernel).
@@ -141,9 +141,9 @@ _COUNTERS: dict = {}  # (device index, stream) -> int32 counters, zero between l
 
 
 def launch_counters(device, n: int):
-    """At least ``n`` int32 counters for a launch on ``device``'s current stream, zero: per KV head ``bh`` of the
-    ``n_bh`` of a launch, the tiles claimed at run time (``[bh]``) and the split programs that stopped claiming
-    (``[n_bh + bh]``). Every launch leaves them at zero (the last of a head's programs resets the head's two). One
+    """At least ``n`` int32 counters for a launch on ``device``'s current stream, zero: per KV head ``bh``, the tiles
+    claimed at run time. The merge kernel that follows the launch zeroes them again
+    (:func:`kvcompile.kernels.decode._merge_kernel`'s CLAIMS): it runs once the whole split grid has retired. One
     buffer per stream, so that launches on different streams never share counters; launches of one stream run one
     after the other. A CUDA graph keeps the buffer of the stream it was captured on: replays of graphs captured on
     one stream must not overlap (as with every buffer a graph holds). A buffer that must grow is replaced, and the
@@ -412,7 +412,7 @@ if HAVE_GLUON:
                            pl_ptr, pacc_ptr, FPC, HAS_START, FDT, MMA, OPA, OPB, BL, False)
             _quant_part(q, sqh, k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr, v_ptr, svb, svh, rv_ptr, srvb, srvh,
                         vs_ptr, pm_ptr, pl_ptr, pacc_ptr, b, h, start, G, n_quant, n_sinks, chunk, num_splits,
-                        pid_bh * n_slots + sid, sid, qscale, cnt_ptr + pid_bh, gl.num_programs(0), K_BITS, K_NSEP,
+                        pid_bh * n_slots + sid, sid, qscale, cnt_ptr + pid_bh, K_BITS, K_NSEP,
                         V_BITS, V_NSEP, HAS_START, DEV_LENS, STAGES, EARLY, RELEASE, CLAIM, LN, MMA, KW, VW, OPA, OPB,
                         BL, RL, SM3, KC, VC)
             if TIMES:
@@ -547,7 +547,7 @@ if HAVE_GLUON:
         k_ptr, skb, skh, rk_ptr, srkb, srkh, ks_ptr,
         v_ptr, svb, svh, rv_ptr, srvb, srvh, vs_ptr,
         pm_ptr, pl_ptr, pacc_ptr, b, h, start,
-        G, n_quant, n_sinks, chunk, num_splits, part, sid, qscale, cnt, n_bh,
+        G, n_quant, n_sinks, chunk, num_splits, part, sid, qscale, cnt,
         K_BITS: gl.constexpr, K_NSEP: gl.constexpr, V_BITS: gl.constexpr, V_NSEP: gl.constexpr,
         HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr, EARLY: gl.constexpr,
         RELEASE: gl.constexpr, CLAIM: gl.constexpr, LN: gl.constexpr, MMA: gl.constexpr, KW: gl.constexpr,
@@ -556,9 +556,9 @@ if HAVE_GLUON:
     ):
         """One quantized split: tokens [sid * chunk, ...) of one KV head (with CLAIM: a fixed range of tiles, then
         tiles claimed at run time; see :func:`launch`), for its G query heads, into partial ``part``. RELEASE: each
-        stage is read into registers as soon as its tile lands and refilled at once, so that STAGES tiles (not
+        stage is read into registers as soon as its tile lands and then refilled, so that STAGES tiles (not
         STAGES - 1) are in flight while one is computed, at the cost of the value words' registers over the scores'
-        part of the loop."""
+        part of the loop (ptxas issues that refill after the scores, though: see the module docstring)."""
         BN: gl.constexpr = _BN
         K_P: gl.constexpr = 8 // K_BITS
         V_P: gl.constexpr = 8 // V_BITS
@@ -739,9 +739,6 @@ if HAVE_GLUON:
                 st = ld
                 ld = gl.where(ld == STAGES - 1, 0, ld + 1)
         async_copy.wait_group(0)
-        if CLAIM > 0:
-            # this program claims no more: count it (release: its claims are ordered before)
-            done = gl.atomic_add(cnt + n_bh + lane * 0, lane * 0 + 1, mask=lane == 0, sem="acq_rel")
         if not EARLY:
             _launch_dependents()  # the merge kernel may start launching (it waits for this grid to finish)
 
@@ -757,12 +754,6 @@ if HAVE_GLUON:
         g = gl.arange(0, _G, layout=gl.SliceLayout(0, MMA))
         gl.store(pm_ptr + part * G + g, m_i, mask=g < G)
         gl.store(pl_ptr + part * G + g, l_i, mask=g < G)
-        if CLAIM > 0:
-            # the head's last program to stop claiming leaves both counters at zero for the next launch on this
-            # stream (every program of the head has made its last claim before counting itself)
-            last = (lane == 0) & (gl.max(gl.where(lane == 0, done, 0), axis=0) == num_splits - 1)
-            gl.atomic_xchg(cnt + lane * 0, lane * 0, mask=last, sem="relaxed")
-            gl.atomic_xchg(cnt + n_bh + lane * 0, lane * 0, mask=last, sem="relaxed")
 
 
 @cache
@@ -802,17 +793,19 @@ def supported(q, k_fmt, v_fmt, k_data, v_data, k_r, v_r, fp_k, fp_v, d: int, G: 
 def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv: int, G: int,
            n_quant: int, n_fp: int, n_sinks: int, chunk: int, num_splits: int, qscale: float, k_nsep: int,
            v_nsep: int, k_bits: int, v_bits: int, has_start: bool, stages: int = 2, maxnreg: int = 0,
-           fp_in_splits: bool = True, early_trigger: bool = True, release: bool = False, claim: int = 0):
+           fp_in_splits: bool = True, early_trigger: bool = True, release: bool = False, claim: int = 0,
+           counters=None):
     """Run every partial of :func:`kvcompile.kernels.decode._decode`: the quantized splits ``[0, num_splits)`` of each
     (batch, KV head) and, when ``n_fp > 0``, its fp16 slots in :func:`fp_splits` pieces (slots ``num_splits + j``),
     into the partial buffers (``pid * n_slots + slot``, ``n_slots = num_splits + fp_splits(n_fp, fp_in_splits)``).
-    ``fp_in_splits``: the split programs attend to the fp16 chunks after their loops (else programs of their own do).
+    ``fp_in_splits``: the split programs attend to the fp16 chunks after their loops, or with claims before them
+    (else programs of their own do).
     ``early_trigger``: the dependent merge kernel may launch once every program has started (else once every
     program's loop is done). ``release``: a stage is refilled as soon as it is read into registers (see
     ``_quant_part``). ``claim`` (0-99; 0 = off): each split program takes ``claim`` % of its even share of the
     KV head's tiles as a fixed range, and the rest of the head's tiles are handed out one at a time, at run time, to
-    whichever of the head's programs asks first (:func:`launch_counters`; needs ``stages == 2`` and
-    ``num_splits > 1``, else off). Returns the compiled kernel.
+    whichever of the head's programs asks first, by ``counters`` (:func:`launch_counters`, at least ``B * Hkv``,
+    which the merge kernel must zero again; needs ``stages == 2``, else off). Returns the compiled kernel.
 
     ``maxnreg`` caps the registers per thread (0: 128 when keys and values are 2-bit, else 168): what the quantized
     loop needs without spilling. The fp16 slots' programs would raise the whole kernel to ~200 registers and cut the
@@ -827,8 +820,10 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
     n_slots = num_splits + fp_splits(n_fp, fp_in)
     fdt = gl.bfloat16 if fp_k.dtype == torch.bfloat16 else gl.float16
     columns = num_splits if fp_in else n_slots
-    claim = claim if stages == 2 and num_splits > 1 else 0
-    cnt = launch_counters(q.device, 2 * B * Hkv) if claim else start
+    claim = claim if stages == 2 else 0
+    if claim and (counters is None or counters.dtype != torch.int32 or counters.numel() < B * Hkv):
+        raise ValueError(f"launch: claims need int32 counters of at least {B * Hkv} elements (launch_counters)")
+    cnt = counters if claim else start
     times = _TIMES[0]
     if times is not None and (times.dtype != torch.int64 or times.device != q.device
                               or times.numel() < 4 * B * Hkv * columns):
