@@ -109,9 +109,9 @@ def _counters_zero() -> None:
 def test_gluon_loop_matches_reference(c: Case, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # the fp16 chunks where the host puts them (at these sizes: programs of their own), in the split programs after
     # their loops, or in programs of their own with the merge launched after every loop; the loop that refills a
-    # stage as soon as it is read or not; tiles claimed at run time (half of them, nearly
-    # all, a tenth with the refill; none, where 4-bit stores claim by default). Partials that no program wrote
-    # would be the NaNs the allocator hands back (_poison); a tile claimed twice or never would show in the error
+    # stage as soon as it is read or not; tiles claimed at run time (half of them, nearly all, a tenth with the
+    # refill) or none. Partials that no program wrote would be the NaNs the allocator hands back (_poison); a tile
+    # claimed twice or never would show in the error
     monkeypatch.setenv("KVCOMPILE_DECODE_CONFIG", mode)
     _poison()
     args, kw = build(c)
