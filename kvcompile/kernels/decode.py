@@ -81,6 +81,9 @@ _LOG2E = 1.4426950408889634
 # KV head's tiles that is a fixed range (the rest handed out at run time); elsewhere 0 (see DecodeConfig)
 CLAIM_DEFAULT = 90
 CLAIM_MIN_TILES = 8  # fixed tiles per split program below which a launch does not claim
+# tiles per split program below which 2-bit keys keep fp16 scores by default: the int8 query's preparation costs a
+# short program more than its loop gains (DecodeConfig.gluon_i8)
+I8_MIN_TILES = 8
 # kinds of a K or V source, as the kernel sees them
 _FP, _SYM, _KIVI = 0, 1, 2
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked block then gives exp2(0) * 0, never NaN
@@ -724,6 +727,14 @@ class DecodeConfig:
     SDPA); the sweep's other nsep-4 rows within -3.3 % to +1.6 % of 1a⁗'s without claims (another run;
     ``results/h200_v14_sweep.log``, RESULTS.md §1a⁵). With claims the refill of ``gluon_release`` is off by
     default: both together spill at the 4-bit register cap (78.5 us).
+    ``gluon_i8``: 1 = the Gluon loop computes the scores with int8 MMAs over the key bytes (one mask per four code
+    slots instead of one per two; the query enters as two int8 halves of a 15-bit integer, so the scores are exact
+    integer sums), 0 = with fp16 MMAs (the query rounded to fp16), -1 = 1 at 2-bit keys where each split program
+    gets at least :data:`I8_MIN_TILES` tiles, else 0. H200, Llama-3-8B shape, batch 8, 32k (~21 tiles per
+    program), three same-run pairs: nsep-2 57.0 -> 55.2, 57.0 -> 55.0 and 56.7 -> 55.4 us; nsep-4 74.7 -> 74.8
+    (its loop waits for memory, not for instructions; under Triton 3.9 the 4-bit form also spills). Short programs
+    lose 0.1-0.6 us to the query's preparation (batch 1 and 8 at 4k, Qwen2.5-1.5B batch 8 at 32k; two runs each),
+    hence the threshold. ``results/h200_v15_tune_i8*.log``, ``h200_v15_small_i8.log``, RESULTS.md §1a⁶.
     """
 
     block_n: int = 0
@@ -741,6 +752,7 @@ class DecodeConfig:
     gluon_trigger: int = 1
     gluon_release: int = -1
     gluon_claim: int = -1
+    gluon_i8: int = -1
 
     def __post_init__(self) -> None:
         # tile sizes become tl.arange extents and dot shapes: powers of two (the row-group sums need >= 8 rows, the
@@ -759,12 +771,13 @@ class DecodeConfig:
             ("gluon_trigger", self.gluon_trigger, self.gluon_trigger in (0, 1)),
             ("gluon_release", self.gluon_release, self.gluon_release in (-1, 0, 1)),
             ("gluon_claim", self.gluon_claim, -1 <= self.gluon_claim <= 99),
+            ("gluon_i8", self.gluon_i8, self.gluon_i8 in (-1, 0, 1)),
         ) if not ok]
         if bad:
             raise ValueError(f"DecodeConfig: {', '.join(bad)} (block_n: 0 or a power of two >= 16; block_f: a power "
                              "of two >= 16; merge_block: a power of two; v_lanes: -1, 0 or a power of two >= 8; "
                              "gluon: -1 or 0; gluon_stages: >= 2; gluon_fp: -1, 0 or 1; gluon_trigger: 0 or 1; "
-                             "gluon_release: -1, 0 or 1; gluon_claim: -1 to 99)")
+                             "gluon_release: -1, 0 or 1; gluon_claim: -1 to 99; gluon_i8: -1, 0 or 1)")
 
     @classmethod
     def from_env(cls) -> Self:
@@ -1077,7 +1090,9 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         kernel = decode_gluon.launch(
             q, k_data, ka, ks, v_data, va, vs, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv, G, n_quant, n_fp, n_sinks,
             chunk, num_splits, qscale, kc["NSEP"], vc["NSEP"], kc["BITS"], vc["BITS"], seq_start is not None,
-            cfg.gluon_stages, cfg.maxnreg, fp_in, bool(cfg.gluon_trigger), release, claim=claim, counters=counters)
+            cfg.gluon_stages, cfg.maxnreg, fp_in, bool(cfg.gluon_trigger), release, claim=claim, counters=counters,
+            k_i8=cfg.gluon_i8 == 1 or (cfg.gluon_i8 == -1 and k_fmt.bits == 2
+                                        and -(-n_quant // block_n) // num_splits >= I8_MIN_TILES))
         num_warps = 1
     else:
         kernel = _decode_split_kernel[(B * Hkv, n_slots)](

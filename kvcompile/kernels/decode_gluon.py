@@ -12,6 +12,12 @@ tokens per step:
   (tokens are the M dimension, the reduction runs over code slots). The slot order is free as long as the query is
   gathered in the same order: lane group ``c`` reads words ``KS*c .. KS*c + KS - 1`` of a token row (one 8- or
   16-byte read), and word ``KS*c + ks`` feeds k-step ``ks``. No shuffles, no layout conversion.
+* **keys at 2 bits** (``KI8``, the host's default there) are instead read as bytes and enter *int8* MMAs
+  (:func:`_k_operand_i8`): one mask gives four code slots (one 32-bit register of int8 codes) where an fp16 operand
+  register holds two, so the score side needs half the masks. The query enters as the high and low int8 halves of
+  a 15-bit integer (two MMAs, the high sums scaled by 256 in between), so the scores are exact integer sums of a
+  query rounded to 15 bits (13 in the slots whose codes stay shifted by two bits; fp16 keeps 11). Hopper has no
+  fp8 ``mma.sync`` (ptxas widens e4m3 operands to fp16), so int8 is the one narrower operand it offers.
 * **values** are the A operand of ``O^T[channels, G] += V^T[channels, tokens] P^T[tokens, G]``: each 32-bit register
   of that operand pairs two *tokens* of one channel. A thread reads the same words of two tokens and joins their
   16-bit lanes with byte permutes (:func:`_v_pairs`); masking then gives the operand directly. The rows (channels)
@@ -36,9 +42,9 @@ tokens per step:
 * the programs write the partials of :mod:`kvcompile.kernels.decode`, whose merge kernel is launched as their
   programmatic dependent (by default it may launch as soon as every program has started; it waits for the results).
 
-Measured on an H200 (``benchmarks/RESULTS.md`` §1a⁵): Llama-3-8B shape, batch 8, 32k: nsep-4 75.6 us (SDPA 244.9:
-3.24x; it reads at 82 % of the measured HBM read bandwidth), nsep-2 56.9 us (SDPA 244.3: 4.29x); batch 1 at 4k:
-8.0 / 8.3 us (SDPA 11.5).
+Measured on an H200 (``benchmarks/RESULTS.md`` §1a⁵, §1a⁶): Llama-3-8B shape, batch 8, 32k: nsep-4 75.6 us (SDPA
+244.9: 3.24x; it reads at 82 % of the measured HBM read bandwidth), nsep-2 with int8 scores 55.2 us against 57.0
+with fp16 ones in the same run (SDPA 244.9: 4.4x).
 
 Scope: Hopper GPUs (sm_90); nsep / int-token keys and values of 2 or 4 bits at head_dim 128, up to 8 query heads per
 KV head, fp16 or bf16 queries and fp16 slots, no soft-capping (:func:`supported`; the rest runs the Triton kernel).
@@ -88,6 +94,16 @@ def _k_words_layout(bits: int):
     return gl.DistributedLinearLayout(reg, lane, [], [], [BLOCK_N, m // 4])
 
 
+def _k_bytes_layout(bits: int):
+    """[BLOCK_N, m] bytes of the key rows, as :func:`_k_words_layout` holds their words: the bytes of a word are a
+    thread's four consecutive registers (one 32-bit register once packed: :func:`_k_operand_i8`)."""
+    m = HEAD_DIM * bits // 8
+    ks = m // 16
+    reg = [[0, 1], [0, 2]] + [[0, 4 << i] for i in range(ks.bit_length() - 1)] + [[8, 0], [16, 0], [32, 0]]
+    lane = [[0, 4 * ks], [0, 8 * ks], [1, 0], [2, 0], [4, 0]]
+    return gl.DistributedLinearLayout(reg, lane, [], [], [BLOCK_N, m])
+
+
 def _v_words_layout(bits: int):
     """[BLOCK_N, m/4] words of the value rows: lane ``4R + c`` holds tokens ``8a + 4e + c`` (a, e in registers) and
     words ``WI*R + wi`` (WI = m/32 words: the rows' bytes of its channel slots). The four lanes c of a row group
@@ -108,12 +124,15 @@ def _copy_layout(bits: int):
 
 
 @cache
-def gluon_layouts(k_bits: int, v_bits: int) -> dict:
-    """The constexpr layouts of one specialisation (built on the host: Gluon layouts are plain dataclasses)."""
+def gluon_layouts(k_bits: int, v_bits: int, k_i8: bool = False) -> dict:
+    """The constexpr layouts of one specialisation (built on the host: Gluon layouts are plain dataclasses).
+    ``k_i8``: the keys are read as bytes for int8 MMAs (:func:`_k_operand_i8`)."""
     mma = _mma_layout()
     return dict(
         MMA=mma,
-        KW=_k_words_layout(k_bits),
+        KW=_k_bytes_layout(k_bits) if k_i8 else _k_words_layout(k_bits),
+        OPK=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4 if k_i8 else 2),
+        OPQ=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4 if k_i8 else 2),
         VW=_v_words_layout(v_bits),
         OPA=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
         OPB=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2),
@@ -208,6 +227,78 @@ if HAVE_GLUON:
         j = gl.permute(j, [0, 2, 4, 1, 3])  # [token, ks, h, c, e]
         return gl.convert_layout(gl.reshape(j, [N, NW * 4]), OPA)
 
+    # bit fields of int8 key bytes, four (one 32-bit word) per instruction (see _k_operand_i8)
+    _F2_0 = gl.constexpr("and.b32 $0, $1, 0x03030303;")
+    _F2_1 = gl.constexpr("and.b32 $0, $1, 0x0C0C0C0C;")
+    _F2_2 = gl.constexpr("{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x03030303; }")
+    _F2_3 = gl.constexpr("{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0C0C0C0C; }")
+    _F4_0 = gl.constexpr("and.b32 $0, $1, 0x0F0F0F0F;")
+    _F4_1 = gl.constexpr("{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }")
+
+    if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton > 3.6
+        @gluon.jit
+        def _as_bytes(stage):
+            """A stage of int32 words [BLOCK_N, w] as int8 [BLOCK_N, 4w] (the same shared memory)."""
+            return stage.reinterpret(gl.int8, [stage.shape[0], stage.shape[1] * 4], stage.layout)
+    else:
+        @gluon.jit
+        def _as_bytes(stage):
+            """A stage of int32 words [BLOCK_N, w] as int8 [BLOCK_N, 4w] (the same shared memory)."""
+            return stage._reinterpret(gl.int8, [stage.shape[0], stage.shape[1] * 4], stage.layout)
+
+    @gluon.jit
+    def _field(kb, ASM: gl.constexpr):
+        return gl.inline_asm_elementwise(ASM, "=r,r", [kb], dtype=gl.int8, is_pure=True, pack=4)
+
+    @gluon.jit
+    def _k_operand_i8(kb, BITS: gl.constexpr, OPK: gl.constexpr):
+        """Key bytes [BLOCK_N, m] (layout :func:`_k_bytes_layout`) -> the int8 MMA A operand [BLOCK_N, 128]: every
+        bit field of every byte, as code * 4^fA at 2-bit (mask 0x0C keeps the field in place: the query slot is
+        divided by 4 instead, :func:`_q_operand_i8`), as the code at 4-bit. One mask per four slots, against one per
+        two for fp16 operands. Slot ``k = b + 4c + 16fA + 32 hi`` is byte ``b`` of word ``KS*c + ks`` (lane group c),
+        field ``fA + 2fB``, where ``hi = ks + 2fB`` at 2-bit and ``ks`` at 4-bit."""
+        N: gl.constexpr = kb.shape[0]
+        if BITS == 2:
+            j = gl.join(gl.join(_field(kb, _F2_0), _field(kb, _F2_1)), gl.join(_field(kb, _F2_2), _field(kb, _F2_3)))
+            j = gl.reshape(j, [N, 2, 2, 2, 4, 2, 2])  # [token, c1, c0, ks, b, fA, fB]
+            j = gl.permute(j, [0, 6, 3, 5, 1, 2, 4])  # [token, fB, ks, fA, c1, c0, b]
+        else:
+            j = gl.join(_field(kb, _F4_0), _field(kb, _F4_1))
+            j = gl.reshape(j, [N, 2, 2, 2, 2, 4, 2])  # [token, c1, c0, ks1, ks0, b, fA]
+            j = gl.permute(j, [0, 3, 4, 6, 1, 2, 5])  # [token, ks1, ks0, fA, c1, c0, b]
+        return gl.convert_layout(gl.reshape(j, [N, _D]), OPK)
+
+    @gluon.jit
+    def _q_operand_i8(q_ptr, sqh, ks_ptr, qscale, G, BITS: gl.constexpr, NSEP: gl.constexpr, BL: gl.constexpr):
+        """The query [128 slots, G_PAD] (fp32) in the slot order of :func:`_k_operand_i8`, times the softmax scale
+        and the nsep key scale, divided by the slot's field multiplier; and that multiplier [128]."""
+        M: gl.constexpr = _D * BITS // 8
+        KS: gl.constexpr = M // 16
+        k = gl.arange(0, _D, layout=gl.SliceLayout(1, BL))
+        fa = (k >> 4) & 1
+        hi = k >> 5
+        if BITS == 2:
+            ks = hi & 1
+            f = fa + 2 * (hi >> 1)
+            mult = gl.where(fa == 1, 4.0, 1.0)
+        else:
+            ks = hi
+            f = fa
+            mult = gl.full([_D], 1.0, gl.float32, layout=gl.SliceLayout(1, BL))
+        # field f of byte B holds channel f * M + B (the planar layout of formats.pack)
+        chan = f * M + (k & 3) + 4 * ks + 4 * KS * ((k >> 2) & 3)
+        g = gl.arange(0, _G, layout=gl.SliceLayout(0, BL))
+        qt = gl.load(q_ptr + g[None, :] * sqh + chan[:, None], mask=(g < G)[None, :], other=0.0)
+        qt = qt.to(gl.float32) * qscale
+        if NSEP:
+            qt = qt * gl.load(ks_ptr + chan)[:, None]
+        return qt / mult[:, None], mult
+
+    @gluon.jit
+    def _rint(x):
+        """Round to the nearest integer (ties to even), as int32."""
+        return gl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [x], dtype=gl.int32, is_pure=True, pack=1)
+
     @gluon.jit
     def _v_pairs(vw):
         """Value words [BLOCK_N, m/4] -> (lane 0, lane 1) of the tokens ``8a + c`` and ``8a + 4 + c`` joined per word:
@@ -278,6 +369,37 @@ if HAVE_GLUON:
         if NSEP:
             qt = qt * gl.load(ks_ptr + chan)[:, None]
         return qt
+
+    @gluon.jit
+    def _q_operands(q, sqh, ksp, qscale, G, K_BITS: gl.constexpr, K_NSEP: gl.constexpr, BL: gl.constexpr,
+                    OPB: gl.constexpr):
+        """The query's fp16 B operands per key bit-slice (q2/q3 only at 2-bit keys, else placeholders), pre-scaled
+        and normalised to a max of 2^14, with their sum over the slots (qoff) and the normaliser."""
+        K_P: gl.constexpr = 8 // K_BITS
+        qk0 = _q_operand(q, sqh, ksp, qscale, G, 0, K_BITS, K_NSEP, BL)
+        qk1 = _q_operand(q, sqh, ksp, qscale, G, 1, K_BITS, K_NSEP, BL)
+        amax = gl.maximum(gl.max(gl.abs(qk0), axis=0), gl.max(gl.abs(qk1), axis=0))
+        if K_P > 2:
+            qk2 = _q_operand(q, sqh, ksp, qscale, G, 2, K_BITS, K_NSEP, BL)
+            qk3 = _q_operand(q, sqh, ksp, qscale, G, 3, K_BITS, K_NSEP, BL)
+            amax = gl.maximum(amax, gl.maximum(gl.max(gl.abs(qk2), axis=0), gl.max(gl.abs(qk3), axis=0)))
+        qnorm = 16384.0 / gl.maximum(gl.max(amax, axis=0), 1e-30)
+        q0 = (qk0 * qnorm).to(gl.float16)
+        q1 = (qk1 * (qnorm / (1 << K_BITS))).to(gl.float16)
+        qoff = gl.sum(q0.to(gl.float32), axis=0) + gl.sum(q1.to(gl.float32), axis=0) * (1 << K_BITS)
+        if K_P > 2:
+            q2 = (qk2 * (qnorm / (1 << (2 * K_BITS)))).to(gl.float16)
+            q3 = (qk3 * (qnorm / (1 << (3 * K_BITS)))).to(gl.float16)
+            qoff += gl.sum(q2.to(gl.float32), axis=0) * (1 << (2 * K_BITS))
+            qoff += gl.sum(q3.to(gl.float32), axis=0) * (1 << (3 * K_BITS))
+            q2 = gl.convert_layout(q2, OPB)
+            q3 = gl.convert_layout(q3, OPB)
+        q0 = gl.convert_layout(q0, OPB)
+        q1 = gl.convert_layout(q1, OPB)
+        if K_P == 2:
+            q2 = q0
+            q3 = q1
+        return q0, q1, q2, q3, qoff, qnorm
 
     @gluon.jit
     def _store_out(acc, prs, SL: gl.constexpr, BITS: gl.constexpr, MID: gl.constexpr, NSEP: gl.constexpr, vs_ptr,
@@ -362,7 +484,7 @@ if HAVE_GLUON:
         FDT: gl.constexpr, CLAIM: gl.constexpr, LN: gl.constexpr,
         MMA: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
         BL: gl.constexpr, RL: gl.constexpr, SM3: gl.constexpr, KC: gl.constexpr,
-        VC: gl.constexpr,
+        VC: gl.constexpr, KI8: gl.constexpr, OPK: gl.constexpr, OPQ: gl.constexpr,
     ):
         """Grid (B * Hkv, num_splits), one quantized split per program. The fp16 slots are cut into ``n_slots -
         num_splits`` chunks of FPC slots, each written as its own partial (slot ``num_splits + j``): with IN_FP, chunk j
@@ -414,7 +536,7 @@ if HAVE_GLUON:
                         vs_ptr, pm_ptr, pl_ptr, pacc_ptr, b, h, start, G, n_quant, n_sinks, chunk, num_splits,
                         pid_bh * n_slots + sid, sid, qscale, cnt_ptr + pid_bh, K_BITS, K_NSEP,
                         V_BITS, V_NSEP, HAS_START, DEV_LENS, STAGES, EARLY, RELEASE, CLAIM, LN, MMA, KW, VW, OPA, OPB,
-                        BL, RL, SM3, KC, VC)
+                        BL, RL, SM3, KC, VC, KI8, OPK, OPQ)
             if TIMES:
                 t1, _ = _clock()
                 gl.store(times_ptr + (gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)) * 4 + 1, t1)
@@ -478,14 +600,17 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _land(ksm, vsm, rksm, rvsm, ld, STAGES: gl.constexpr, ALL: gl.constexpr, KW: gl.constexpr,
-              VW: gl.constexpr, MMA: gl.constexpr):
+              VW: gl.constexpr, MMA: gl.constexpr, KI8: gl.constexpr):
         """Wait for stage ``ld``'s tile (the oldest copy group) and read its keys and key r, and with ALL its values
         and value r too, then make sure every lane is done reading the stage (r is read back by other lanes). Without
         ALL the values are placeholders: :func:`_tile` reads them from the stage after the scores."""
         BN: gl.constexpr = _BN
         async_copy.wait_group(STAGES - 1)
         _barrier()
-        kw = ksm.index(ld).load(KW).to(gl.uint32, bitcast=True)
+        if KI8:  # bytes (:func:`_k_operand_i8`)
+            kw = _as_bytes(ksm.index(ld)).load(KW)
+        else:
+            kw = ksm.index(ld).load(KW).to(gl.uint32, bitcast=True)
         rk = rksm.index(ld).reshape([BN]).load(gl.SliceLayout(1, MMA))
         if ALL:
             vw = vsm.index(ld).load(VW).to(gl.uint32, bitcast=True)
@@ -499,22 +624,32 @@ if HAVE_GLUON:
     @gluon.jit
     def _tile(kw, rk, vw, rv, v_stage, rv_stage, n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq, m_i, l8, pvs, acc0,
               acc1, acc2, acc3, K_BITS: gl.constexpr, V_BITS: gl.constexpr, HAS_START: gl.constexpr,
-              LATE_V: gl.constexpr, MMA: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr):
+              LATE_V: gl.constexpr, MMA: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
+              KI8: gl.constexpr, OPK: gl.constexpr):
         """One tile of tokens [n0, n0 + BLOCK_N) (those < hi count): scores from the key words and r, online softmax,
         values. LATE_V: the value words and r are read from their stage here, after the scores (fewer registers
         live), else they come in ``vw``/``rv``. Returns the running state; acc2/acc3 only change at 2-bit values
-        (the caller passes placeholders otherwise), q2/q3 only count at 2-bit keys."""
+        (the caller passes placeholders otherwise), q2/q3 only count at 2-bit keys. KI8: the keys are bytes and
+        q0/q1 the query's high and low int8 halves (:func:`_k_operand_i8`); q2/q3 do not count."""
         BN: gl.constexpr = kw.shape[0]
         K_P: gl.constexpr = 8 // K_BITS
         V_P: gl.constexpr = 8 // V_BITS
         tr = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-        s = mma_v2(_k_operand(kw, 0, K_BITS, OPA), q0, gl.zeros([BN, _G], gl.float32, layout=MMA))
-        s = mma_v2(_k_operand(kw, 1, K_BITS, OPA), q1, s)
-        if K_P > 2:
-            s = mma_v2(_k_operand(kw, 2, K_BITS, OPA), q2, s)
-            s = mma_v2(_k_operand(kw, 3, K_BITS, OPA), q3, s)
+        if KI8:
+            # exact integer scores: q = 256 q0 + q1, so the high half's sums are scaled by 256 in between
+            a = _k_operand_i8(kw, K_BITS, OPK)
+            si = mma_v2(a, q0, gl.zeros([BN, _G], gl.int32, layout=MMA))
+            s = mma_v2(a, q1, si * 256).to(gl.float32)
+            SC: gl.constexpr = 1.0
+        else:
+            s = mma_v2(_k_operand(kw, 0, K_BITS, OPA), q0, gl.zeros([BN, _G], gl.float32, layout=MMA))
+            s = mma_v2(_k_operand(kw, 1, K_BITS, OPA), q1, s)
+            if K_P > 2:
+                s = mma_v2(_k_operand(kw, 2, K_BITS, OPA), q2, s)
+                s = mma_v2(_k_operand(kw, 3, K_BITS, OPA), q3, s)
+            SC: gl.constexpr = _TWO24
         t = n0 + tr
-        s = (s * _TWO24 - qoff[None, :]) * (rk.to(gl.float32) * rq)[:, None]
+        s = (s * SC - qoff[None, :]) * (rk.to(gl.float32) * rq)[:, None]
         valid = t < hi
         if HAS_START:
             valid = valid & (t + n_sinks >= start)
@@ -552,7 +687,8 @@ if HAVE_GLUON:
         HAS_START: gl.constexpr, DEV_LENS: gl.constexpr, STAGES: gl.constexpr, EARLY: gl.constexpr,
         RELEASE: gl.constexpr, CLAIM: gl.constexpr, LN: gl.constexpr, MMA: gl.constexpr, KW: gl.constexpr,
         VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr, BL: gl.constexpr, RL: gl.constexpr,
-        SM3: gl.constexpr, KC: gl.constexpr, VC: gl.constexpr,
+        SM3: gl.constexpr, KC: gl.constexpr, VC: gl.constexpr, KI8: gl.constexpr, OPK: gl.constexpr,
+        OPQ: gl.constexpr,
     ):
         """One quantized split: tokens [sid * chunk, ...) of one KV head (with CLAIM: a fixed range of tiles, then
         tiles claimed at run time; see :func:`launch`), for its G query heads, into partial ``part``. RELEASE: each
@@ -560,7 +696,6 @@ if HAVE_GLUON:
         STAGES - 1) are in flight while one is computed, at the cost of the value words' registers over the scores'
         part of the loop (ptxas issues that refill after the scores, though: see the module docstring)."""
         BN: gl.constexpr = _BN
-        K_P: gl.constexpr = 8 // K_BITS
         V_P: gl.constexpr = 8 // V_BITS
         K_MID: gl.constexpr = K_NSEP == 2
         V_MID: gl.constexpr = V_NSEP == 2
@@ -631,26 +766,21 @@ if HAVE_GLUON:
                        svt)
         # ---- the query, once: pre-scaled, normalised to a max of 2^14, per slice, as the B operand in registers
         ksp = ks_ptr + h * _D
-        qk0 = _q_operand(q, sqh, ksp, qscale, G, 0, K_BITS, K_NSEP, BL)
-        qk1 = _q_operand(q, sqh, ksp, qscale, G, 1, K_BITS, K_NSEP, BL)
-        amax = gl.maximum(gl.max(gl.abs(qk0), axis=0), gl.max(gl.abs(qk1), axis=0))
-        if K_P > 2:
-            qk2 = _q_operand(q, sqh, ksp, qscale, G, 2, K_BITS, K_NSEP, BL)
-            qk3 = _q_operand(q, sqh, ksp, qscale, G, 3, K_BITS, K_NSEP, BL)
-            amax = gl.maximum(amax, gl.maximum(gl.max(gl.abs(qk2), axis=0), gl.max(gl.abs(qk3), axis=0)))
-        qnorm = 16384.0 / gl.maximum(gl.max(amax, axis=0), 1e-30)
-        q0 = (qk0 * qnorm).to(gl.float16)
-        q1 = (qk1 * (qnorm / (1 << K_BITS))).to(gl.float16)
-        qoff = gl.sum(q0.to(gl.float32), axis=0) + gl.sum(q1.to(gl.float32), axis=0) * (1 << K_BITS)
-        if K_P > 2:
-            q2 = (qk2 * (qnorm / (1 << (2 * K_BITS)))).to(gl.float16)
-            q3 = (qk3 * (qnorm / (1 << (3 * K_BITS)))).to(gl.float16)
-            qoff += gl.sum(q2.to(gl.float32), axis=0) * (1 << (2 * K_BITS))
-            qoff += gl.sum(q3.to(gl.float32), axis=0) * (1 << (3 * K_BITS))
-            q2 = gl.convert_layout(q2, OPB)
-            q3 = gl.convert_layout(q3, OPB)
-        q0 = gl.convert_layout(q0, OPB)
-        q1 = gl.convert_layout(q1, OPB)
+        if KI8:
+            # int8 halves of a 16-bit query, max |q| = 32639 so that both halves fit: the scores are then exact sums
+            # of integers, the query rounded to 15 bits (13 in the slots divided by 4)
+            qk, mult = _q_operand_i8(q, sqh, ksp, qscale, G, K_BITS, K_NSEP, BL)
+            qnorm = 32639.0 / gl.maximum(gl.max(gl.max(gl.abs(qk), axis=1), axis=0), 1e-30)
+            q16 = _rint(qk * qnorm)
+            q0 = (q16 + 128) >> 8
+            q1 = (q16 - q0 * 256).to(gl.int8)
+            q0 = gl.convert_layout(q0.to(gl.int8), OPQ)
+            q1 = gl.convert_layout(q1, OPQ)
+            qoff = gl.sum(q16.to(gl.float32) * mult[:, None], axis=0)
+            q2 = q0  # placeholders
+            q3 = q1
+        else:
+            q0, q1, q2, q3, qoff, qnorm = _q_operands(q, sqh, ksp, qscale, G, K_BITS, K_NSEP, BL, OPB)
         # the codes' offset and the score multiplier exactly as in decode._attend (a Gluon kernel cannot call a
         # Triton helper, so these lines are repeated there)
         if K_MID:
@@ -671,10 +801,7 @@ if HAVE_GLUON:
             acc2 = gl.zeros([_D // V_P, _G], gl.float32, layout=MMA)
             acc3 = gl.zeros([_D // V_P, _G], gl.float32, layout=MMA)
 
-        if K_P == 2:  # placeholders of the slices that 4-bit keys / values do not have
-            q2 = q0
-            q3 = q1
-        if V_P == 2:
+        if V_P == 2:  # placeholders of the slices that 4-bit values do not have
             acc2 = acc0
             acc3 = acc1
         ld = 0
@@ -688,7 +815,7 @@ if HAVE_GLUON:
                 tp = _tile_at(c, lane, cneed, p, F, s0, dyn0, R)  # the claim read here was made a tile ago
                 nneed = (p + 1 >= F) & (tp >= 0)
                 if RELEASE:  # the landed tile is read whole, and its stage refilled at once
-                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, True, KW, VW, MMA)
+                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, True, KW, VW, MMA, KI8)
                     st = ld
                 else:
                     _barrier()  # every lane is done reading the stage about to be refilled
@@ -697,11 +824,11 @@ if HAVE_GLUON:
                 if not RELEASE:
                     c = _claim(cnt, lane, nneed)  # for position p + 1, read in the next iteration
                     cneed = nneed
-                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, False, KW, VW, MMA)
+                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, False, KW, VW, MMA, KI8)
                 m_i, l8, pvs, acc0, acc1, a2, a3 = _tile(
                     kw, rk, vw, rv, vsm.index(ld), rvsm.index(ld), t0 * BN, hi, n_sinks, start, q0, q1, q2, q3, qoff,
                     rq, m_i, l8, pvs, acc0, acc1, acc2, acc3, K_BITS, V_BITS, HAS_START, not RELEASE, MMA, VW, OPA,
-                    OPB)
+                    OPB, KI8, OPK)
                 if V_P > 2:
                     acc2 = a2
                     acc3 = a3
@@ -722,17 +849,18 @@ if HAVE_GLUON:
         else:
             for n0 in range(lo, hi, BN):
                 if RELEASE:  # the landed tile is read whole, and its stage refilled at once
-                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, True, KW, VW, MMA)
+                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, True, KW, VW, MMA, KI8)
                     st = ld
                 else:
                     _barrier()  # every lane is done reading the stage about to be refilled
                 _issue(ksm, vsm, rksm, rvsm, st, n0 + PRE * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, skt,
                        svt)
                 if not RELEASE:
-                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, False, KW, VW, MMA)
+                    kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, False, KW, VW, MMA, KI8)
                 m_i, l8, pvs, acc0, acc1, a2, a3 = _tile(
                     kw, rk, vw, rv, vsm.index(ld), rvsm.index(ld), n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq,
-                    m_i, l8, pvs, acc0, acc1, acc2, acc3, K_BITS, V_BITS, HAS_START, not RELEASE, MMA, VW, OPA, OPB)
+                    m_i, l8, pvs, acc0, acc1, acc2, acc3, K_BITS, V_BITS, HAS_START, not RELEASE, MMA, VW, OPA, OPB,
+                    KI8, OPK)
                 if V_P > 2:
                     acc2 = a2
                     acc3 = a3
@@ -794,7 +922,7 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
            n_quant: int, n_fp: int, n_sinks: int, chunk: int, num_splits: int, qscale: float, k_nsep: int,
            v_nsep: int, k_bits: int, v_bits: int, has_start: bool, stages: int = 2, maxnreg: int = 0,
            fp_in_splits: bool = True, early_trigger: bool = True, release: bool = False, claim: int = 0,
-           counters=None):
+           counters=None, k_i8: bool = False):
     """Run every partial of :func:`kvcompile.kernels.decode._decode`: the quantized splits ``[0, num_splits)`` of each
     (batch, KV head) and, when ``n_fp > 0``, its fp16 slots in :func:`fp_splits` pieces (slots ``num_splits + j``),
     into the partial buffers (``pid * n_slots + slot``, ``n_slots = num_splits + fp_splits(n_fp, fp_in_splits)``).
@@ -805,7 +933,9 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
     ``_quant_part``). ``claim`` (0-99; 0 = off): each split program takes ``claim`` % of its even share of the
     KV head's tiles as a fixed range, and the rest of the head's tiles are handed out one at a time, at run time, to
     whichever of the head's programs asks first, by ``counters`` (:func:`launch_counters`, at least ``B * Hkv``,
-    which the merge kernel must zero again; needs ``stages == 2``, else off). Returns the compiled kernel.
+    which the merge kernel must zero again; needs ``stages == 2``, else off). ``k_i8``: the scores come from int8
+    MMAs over the key bytes (:func:`_k_operand_i8`; exact integer sums with the query rounded to 15 bits), else from
+    fp16 MMAs (the query rounded to fp16). Returns the compiled kernel.
 
     ``maxnreg`` caps the registers per thread (0: 128 when keys and values are 2-bit, else 168): what the quantized
     loop needs without spilling. The fp16 slots' programs would raise the whole kernel to ~200 registers and cut the
@@ -839,6 +969,6 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
         K_BITS=k_bits, K_NSEP=k_nsep, V_BITS=v_bits, V_NSEP=v_nsep,
         HAS_START=has_start, DEV_LENS=lens is not None, STAGES=stages, SEP_FP=has_fp and not fp_in, IN_FP=fp_in,
         FPC=FP_CHUNK_IN if fp_in else FP_CHUNK, EARLY=early_trigger, RELEASE=release, TIMES=times is not None,
-        FDT=fdt, CLAIM=claim,
-        **gluon_layouts(k_bits, v_bits), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+        FDT=fdt, CLAIM=claim, KI8=bool(k_i8),
+        **gluon_layouts(k_bits, v_bits, bool(k_i8)), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )

@@ -59,8 +59,8 @@ def loop_histogram(sass: str) -> tuple[int, collections.Counter]:
         if target and int(target.group(1), 16) < addr:
             body = [x for a, x in ins if int(target.group(1), 16) <= a <= addr]
             ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body)
-            mma = ops["HMMA"] + ops["HGMMA"]
-            if mma and (mma, len(body)) > (best[1]["HMMA"] + best[1]["HGMMA"], best[0]):
+            mma = ops["HMMA"] + ops["HGMMA"] + ops["IMMA"]
+            if mma and (mma, len(body)) > (best[1]["HMMA"] + best[1]["HGMMA"] + best[1]["IMMA"], best[0]):
                 best = (len(body), ops)
     return best
 

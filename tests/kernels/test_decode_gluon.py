@@ -30,13 +30,15 @@ def _compile_report() -> None:  # run in a child process: the tests' TRITON_INTE
     from kvcompile.kernels.sass import capture_launch, compile_for, disassemble, loop_histogram
 
     for k, v, n_fp, cfg in ((NSEP4, NSEP4, 132, ""), (NSEP2, NSEP2, 132, ""), (NSEP4, NSEP2, 132, ""),
-                            (NSEP4, INT2, 0, ""), (NSEP4, NSEP4, 132, "gluon_claim=75")):
+                            (NSEP4, INT2, 0, ""), (NSEP4, NSEP4, 132, "gluon_claim=75"),
+                            (NSEP2, NSEP2, 132, "gluon_i8=0"), (NSEP2, NSEP4, 132, "")):
         os.environ["KVCOMPILE_DECODE_CONFIG"] = cfg
         args, kw = capture_launch(k, v, 8, 32, 8, 128, 32768, n_fp=n_fp, gluon=True)
         kern, _ = compile_for(args, kw, 90, gluon=True)
         _, ops = loop_histogram(disassemble(kern.asm["cubin"]))
         print(json.dumps({"bits": [k.bits, v.bits], "n_fp": n_fp, "cfg": cfg, "shared": kern.metadata.shared,
-                          "hmma": ops["HMMA"], "shfl": ops["SHFL"], "sts": ops["STS"] + ops["STSM"],
+                          "hmma": ops["HMMA"], "imma": ops["IMMA"], "shfl": ops["SHFL"],
+                          "sts": ops["STS"] + ops["STSM"],
                           "ldl": ops["LDL"]}))
 
 
@@ -45,23 +47,45 @@ def test_gluon_loop_builds_its_operands_in_registers() -> None:
     """Compiled for sm_90: in the quantized loop the only layout change is the softmax weights' (a few shuffles): the
     key, value and query operands need no shuffle and no shared-memory store (the tiles arrive by asynchronous
     copies), and nothing spills. Shared memory is the copy stages (2 x 64 tokens of codes and r), plus the small
-    buffer of the fp16 slots' programs. The same holds for 4-bit keys and values with tiles claimed at run time
-    (``gluon_claim``): the claims' loop state fits beside the operands without spilling."""
+    buffer of the fp16 slots' programs (and, with int8 scores, the query's conversion to its operand layout). The
+    same holds for 4-bit keys and values with tiles claimed at run time (``gluon_claim``): the claims' loop state fits
+    beside the operands without spilling; and for scores from int8 MMAs (``gluon_i8``, the default at 2-bit keys)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     code = "from tests.kernels.test_decode_gluon import _compile_report as r; r()"
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 5, res.stdout
+    assert len(rows) == 7, res.stdout
     for r in rows:
         kb, vb = r["bits"]
         stages = 2 * 64 * (4 * (kb + vb) * 128 // 32 + 2 * 2)  # words of codes + two fp16 r per token
         # (the fp16 slots' program converts its softmax weights through shared memory: at most [32, 8] fp16)
         assert stages <= r["shared"] <= stages + 512, \
             f"bits {r['bits']}: {r['shared']} B of shared memory, the copies need {stages}"
-        assert r["hmma"] == 64, r  # 64 tokens: 32 score + 32 value MMAs, whatever the widths
+        # 64 tokens: 32 score MMAs (fp16, or int8 for the high and low query halves: gluon_i8, on by default at
+        # 2-bit keys) + 32 value MMAs, whatever the widths
+        i8 = "gluon_i8=1" in r["cfg"] or (kb == 2 and "gluon_i8=0" not in r["cfg"])
+        assert (r["hmma"], r["imma"]) == ((32, 32) if i8 else (64, 0)), r
         assert r["shfl"] <= 16 and r["sts"] == 0 and r["ldl"] == 0, r
+
+
+@needs_gluon
+@pytest.mark.parametrize(("fmt", "B", "n", "cfg", "i8"), [
+    (NSEP2, 8, 32768, "", True),  # ~21 tiles per split program: int8 scores
+    (NSEP2, 1, 4096, "", False),  # ~3: the query's preparation would cost more than the loop gains
+    (NSEP2, 1, 4096, "gluon_i8=1", True),
+    (NSEP2, 8, 32768, "gluon_i8=0", False),
+    (NSEP4, 8, 32768, "", False),  # 4-bit keys wait for memory: fp16 scores
+])
+def test_int8_scores_where_the_host_chooses_them(fmt, B: int, n: int, cfg: str, i8: bool,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's default for DecodeConfig.gluon_i8 (captured from the real launch, Llama-3-8B shape, 132 SMs)."""
+    from kvcompile.kernels.sass import capture_launch
+
+    monkeypatch.setenv("KVCOMPILE_DECODE_CONFIG", cfg)
+    _, kw = capture_launch(fmt, fmt, B, 32, 8, 128, n, gluon=True)
+    assert kw["KI8"] is i8
 
 
 GPU_CASES = [
@@ -104,14 +128,15 @@ def _counters_zero() -> None:
 @needs_gluon
 @pytest.mark.parametrize("mode", ["", "gluon_fp=1", "gluon_fp=0,gluon_trigger=0", "gluon_release=0",
                                   "gluon_release=1", "gluon_claim=50", "gluon_claim=1,gluon_fp=1",
-                                  "gluon_claim=90,gluon_release=1", "gluon_claim=0"])
+                                  "gluon_claim=90,gluon_release=1", "gluon_claim=0", "gluon_i8=0",
+                                  "gluon_i8=1", "gluon_i8=1,gluon_claim=50"])
 @pytest.mark.parametrize("c", GPU_CASES, ids=str)
 def test_gluon_loop_matches_reference(c: Case, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # the fp16 chunks where the host puts them (at these sizes: programs of their own), in the split programs after
     # their loops, or in programs of their own with the merge launched after every loop; the loop that refills a
     # stage as soon as it is read or not; tiles claimed at run time (half of them, nearly all, a tenth with the
-    # refill) or none. Partials that no program wrote would be the NaNs the allocator hands back (_poison); a tile
-    # claimed twice or never would show in the error
+    # refill) or none; scores from fp16 or int8 MMAs at either key width. Partials that no program wrote would be the
+    # NaNs the allocator hands back (_poison); a tile claimed twice or never would show in the error
     monkeypatch.setenv("KVCOMPILE_DECODE_CONFIG", mode)
     _poison()
     args, kw = build(c)
@@ -144,7 +169,7 @@ def test_gluon_loop_matches_reference(c: Case, mode: str, monkeypatch: pytest.Mo
 @pytest.mark.gpu
 @needs_gluon
 @pytest.mark.parametrize("mode", ["gluon_fp=1", "gluon_fp=0,gluon_trigger=0", "gluon_fp=1,gluon_release=1",
-                                  "gluon_fp=1,gluon_claim=60", "gluon_fp=1,gluon_claim=0"])
+                                  "gluon_fp=1,gluon_claim=60", "gluon_fp=1,gluon_claim=0", "gluon_fp=1,gluon_i8=1"])
 def test_gluon_loop_in_a_cuda_graph(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Captured once at the stores' capacity with lengths on the device (the merge a programmatic dependent of the
     split kernel), then replayed after the lengths change: each replay equals the reference at those lengths."""
