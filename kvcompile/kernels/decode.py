@@ -843,11 +843,13 @@ def _ctas_per_sm(kernel: object, num_warps: int, device_index: int, default: int
     """Resident programs per SM of a compiled kernel, from its registers and shared memory (default if unknown)."""
     try:
         props = torch.cuda.get_device_properties(device_index)
-        regs = int(kernel.n_regs) * 32 * num_warps  # type: ignore[attr-defined]
+        # registers are allocated per warp in units of 256, from the register file of one of the SM's 4
+        # schedulers (a quarter each): 120 registers per thread still give 4 warps per scheduler, as 128 do
+        warp_regs = -(-int(kernel.n_regs) * 32 // 256) * 256  # type: ignore[attr-defined]
         smem = int(kernel.metadata.shared)  # type: ignore[attr-defined]
         regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
         smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
-        by_regs = regs_sm // max(regs, 1)
+        by_regs = 4 * (regs_sm // 4 // max(warp_regs, 1)) // num_warps
         by_smem = smem_sm // (smem + 1024) if smem else 32  # the driver reserves 1 KiB per block
         return max(1, min(by_regs, by_smem, 64 // num_warps, 32))  # 64 warps and 32 blocks per SM at most
     except Exception:  # attribute names differ across triton versions: the estimate is only a heuristic

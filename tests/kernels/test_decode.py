@@ -248,6 +248,26 @@ def test_pick_num_splits() -> None:
     assert 16 <= pick_num_splits(32768, 2, 64, 1056) <= 128
 
 
+@pytest.mark.parametrize(("n_regs", "warps", "shared", "programs"), [
+    (128, 1, 9216, 16),   # 4 warps of 4096 registers per scheduler's quarter of the register file
+    (120, 1, 9216, 16),   # 3840 registers per warp: still 4 per quarter (the whole file would hold 17)
+    (96, 1, 9216, 20),
+    (168, 1, 16896, 12),
+    (96, 4, 0, 5),
+    (64, 1, 20000, 11),   # shared memory: 233472 // (20000 + 1024 reserved)
+])
+def test_programs_per_sm(n_regs: int, warps: int, shared: int, programs: int,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The occupancy estimate that sizes the split count (H100/H200 figures): a program more than fits would put
+    the last ones in a second wave."""
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    kernel = SimpleNamespace(n_regs=n_regs, metadata=SimpleNamespace(shared=shared))
+    assert dmod._ctas_per_sm(kernel, warps, 0, -1) == programs
+
+
 def test_bad_input() -> None:
     args, kw = build(Case(NSEP4, NSEP4, d=64, n_quant=40, n_fp=3))
     with pytest.raises(ValueError, match="static scale"):

@@ -129,14 +129,15 @@ def _counters_zero() -> None:
 @pytest.mark.parametrize("mode", ["", "gluon_fp=1", "gluon_fp=0,gluon_trigger=0", "gluon_release=0",
                                   "gluon_release=1", "gluon_claim=50", "gluon_claim=1,gluon_fp=1",
                                   "gluon_claim=90,gluon_release=1", "gluon_claim=0", "gluon_i8=0",
-                                  "gluon_i8=1", "gluon_i8=1,gluon_claim=50"])
+                                  "gluon_i8=1", "gluon_i8=1,gluon_claim=50", "maxnreg=96"])
 @pytest.mark.parametrize("c", GPU_CASES, ids=str)
 def test_gluon_loop_matches_reference(c: Case, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # the fp16 chunks where the host puts them (at these sizes: programs of their own), in the split programs after
     # their loops, or in programs of their own with the merge launched after every loop; the loop that refills a
     # stage as soon as it is read or not; tiles claimed at run time (half of them, nearly all, a tenth with the
-    # refill) or none; scores from fp16 or int8 MMAs at either key width. Partials that no program wrote would be the
-    # NaNs the allocator hands back (_poison); a tile claimed twice or never would show in the error
+    # refill) or none; scores from fp16 or int8 MMAs at either key width; registers capped (spills). Partials
+    # that no program wrote would be the NaNs the allocator hands back (_poison); a tile claimed twice or never
+    # would show in the error
     monkeypatch.setenv("KVCOMPILE_DECODE_CONFIG", mode)
     _poison()
     args, kw = build(c)
