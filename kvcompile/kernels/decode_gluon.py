@@ -12,12 +12,14 @@ tokens per step:
   (tokens are the M dimension, the reduction runs over code slots). The slot order is free as long as the query is
   gathered in the same order: lane group ``c`` reads words ``KS*c .. KS*c + KS - 1`` of a token row (one 8- or
   16-byte read), and word ``KS*c + ks`` feeds k-step ``ks``. No shuffles, no layout conversion.
-* **keys at 2 bits** (``KI8``, the host's default there) are instead read as bytes and enter *int8* MMAs
+* **keys at 2 bits** (``KI8``; the host's default where a split program has at least 8 tiles) are instead read as
+  bytes and enter *int8* MMAs
   (:func:`_k_operand_i8`): one mask gives four code slots (one 32-bit register of int8 codes) where an fp16 operand
   register holds two, so the score side needs half the masks. The query enters as the high and low int8 halves of
-  a 15-bit integer (two MMAs, the high sums scaled by 256 in between), so the scores are exact integer sums of a
-  query rounded to 15 bits (13 in the slots whose codes stay shifted by two bits; fp16 keeps 11). Hopper has no
-  fp8 ``mma.sync`` (ptxas widens e4m3 operands to fp16), so int8 is the one narrower operand it offers.
+  a signed 16-bit integer (|q| <= 32639; two MMAs, the high sums scaled by 256 in between), so the scores are exact
+  integer sums of a query rounded to 15 bits of magnitude (13 in the slots whose codes stay shifted by two bits;
+  fp16 keeps 11). Hopper has no fp8 ``mma.sync`` (ptxas widens e4m3 operands to fp16:
+  ``benchmarks/mma_operand_types.py``), so int8 is the one narrower operand it offers.
 * **values** are the A operand of ``O^T[channels, G] += V^T[channels, tokens] P^T[tokens, G]``: each 32-bit register
   of that operand pairs two *tokens* of one channel. A thread reads the same words of two tokens and joins their
   16-bit lanes with byte permutes (:func:`_v_pairs`); masking then gives the operand directly. The rows (channels)
@@ -248,6 +250,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _field(kb, ASM: gl.constexpr):
+        """One of the bit-field masks above over int8 ``kb``, whose four consecutive elements per thread are one word
+        (pack=4: the asm sees them as one 32-bit register)."""
         return gl.inline_asm_elementwise(ASM, "=r,r", [kb], dtype=gl.int8, is_pure=True, pack=4)
 
     @gluon.jit
@@ -764,11 +768,12 @@ if HAVE_GLUON:
             for i in gl.static_range(PRE):
                 _issue(ksm, vsm, rksm, rvsm, i, lo + i * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, skt,
                        svt)
-        # ---- the query, once: pre-scaled, normalised to a max of 2^14, per slice, as the B operand in registers
+        # ---- the query, once: pre-scaled, normalised (fp16: to a max of 2^14 per slice; int8: to 16-bit integers),
+        # as the B operand in registers
         ksp = ks_ptr + h * _D
         if KI8:
-            # int8 halves of a 16-bit query, max |q| = 32639 so that both halves fit: the scores are then exact sums
-            # of integers, the query rounded to 15 bits (13 in the slots divided by 4)
+            # int8 halves of a signed 16-bit query, |q| <= 32639 so that both halves fit (q0 = (q + 128) >> 8 <= 127,
+            # q1 = q - 256 q0 in [-128, 127]): the scores are then exact sums of integers
             qk, mult = _q_operand_i8(q, sqh, ksp, qscale, G, K_BITS, K_NSEP, BL)
             qnorm = 32639.0 / gl.maximum(gl.max(gl.max(gl.abs(qk), axis=1), axis=0), 1e-30)
             q16 = _rint(qk * qnorm)
