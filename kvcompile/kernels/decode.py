@@ -730,7 +730,7 @@ class DecodeConfig:
     ``gluon_i8``: 1 = the Gluon loop computes the scores with int8 MMAs over the key bytes (one mask per four code
     slots instead of one per two; the query enters as two int8 halves of a 15-bit integer, so the scores are exact
     integer sums), 0 = with fp16 MMAs (the query rounded to fp16), -1 = 1 at 2-bit keys where each split program
-    gets at least :data:`I8_MIN_TILES` tiles, else 0. H200, Llama-3-8B shape, batch 8, 32k (~21 tiles per
+    gets at least :data:`I8_MIN_TILES` tiles, else 0. H200, Llama-3-8B shape, batch 8, 32k (16 tiles per
     program), three same-run pairs: nsep-2 57.0 -> 55.2, 57.0 -> 55.0 and 56.7 -> 55.4 us; nsep-4 74.7 -> 74.8
     (its loop waits for memory, not for instructions; under Triton 3.9 the 4-bit form also spills). Short programs
     lose 0.1-0.6 us to the query's preparation (batch 1 and 8 at 4k, Qwen2.5-1.5B batch 8 at 32k; two runs each),

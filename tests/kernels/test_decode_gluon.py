@@ -49,7 +49,8 @@ def test_gluon_loop_builds_its_operands_in_registers() -> None:
     copies), and nothing spills. Shared memory is the copy stages (2 x 64 tokens of codes and r), plus the small
     buffer of the fp16 slots' programs (and, with int8 scores, the query's conversion to its operand layout). The
     same holds for 4-bit keys and values with tiles claimed at run time (``gluon_claim``): the claims' loop state fits
-    beside the operands without spilling; and for scores from int8 MMAs (``gluon_i8``, the default at 2-bit keys)."""
+    beside the operands without spilling; and for scores from int8 MMAs (``gluon_i8``, the default at 2-bit keys
+    there)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     code = "from tests.kernels.test_decode_gluon import _compile_report as r; r()"
@@ -72,8 +73,8 @@ def test_gluon_loop_builds_its_operands_in_registers() -> None:
 
 @needs_gluon
 @pytest.mark.parametrize(("fmt", "B", "n", "cfg", "i8"), [
-    (NSEP2, 8, 32768, "", True),  # ~21 tiles per split program: int8 scores
-    (NSEP2, 1, 4096, "", False),  # ~3: the query's preparation would cost more than the loop gains
+    (NSEP2, 8, 32768, "", True),  # 16-32 tiles per split program (by occupancy): int8 scores
+    (NSEP2, 1, 4096, "", False),  # 2: the query's preparation would cost more than the loop gains
     (NSEP2, 1, 4096, "gluon_i8=1", True),
     (NSEP2, 8, 32768, "gluon_i8=0", False),
     (NSEP4, 8, 32768, "", False),  # 4-bit keys wait for memory: fp16 scores
