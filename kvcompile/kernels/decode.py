@@ -1035,10 +1035,10 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
     # programs that run at once
     slots = num_sms(q.device.index or 0) * _OCCUPANCY.get(occ_key, cfg.slots_per_sm(num_warps)) \
         if backend == "triton" else 4
+    blocks = -(-n_quant // block_n)  # tiles of the quantized range
     if n_quant:
         if num_splits is None:
             num_splits = pick_num_splits(n_quant, B * Hkv, block_n, slots)
-        blocks = -(-n_quant // block_n)
         chunk = -(-blocks // max(1, min(num_splits, blocks))) * block_n  # whole blocks per split
         num_splits = -(-n_quant // chunk)  # drops splits that the rounding left empty
     else:
@@ -1084,17 +1084,17 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
             claim = cfg.gluon_claim if num_splits > 1 else 0
         else:  # by default on programs of many tiles, several per KV head, at 4-bit keys and values
             claim = CLAIM_DEFAULT if k_fmt.bits == v_fmt.bits == 4 and num_splits > 1 else 0
-            if -(-n_quant // block_n) * claim // (num_splits * 100) < CLAIM_MIN_TILES:
+            if blocks * claim // (num_splits * 100) < CLAIM_MIN_TILES:
                 claim = 0
         counters = decode_gluon.launch_counters(q.device, B * Hkv) if claim else None
         # (the refill's registers and the claims' together spill at the 4-bit register cap: by default, one of them)
         release = cfg.gluon_release == 1 or (cfg.gluon_release == -1 and k_fmt.bits == v_fmt.bits == 4 and not claim)
+        k_i8 = cfg.gluon_i8 == 1 or (cfg.gluon_i8 == -1 and k_fmt.bits == 2 and blocks // num_splits >= I8_MIN_TILES)
         kernel = decode_gluon.launch(
             q, k_data, ka, ks, v_data, va, vs, fp_k, fp_v, pm, pl, pacc, start, lens, Hkv, G, n_quant, n_fp, n_sinks,
             chunk, num_splits, qscale, kc["NSEP"], vc["NSEP"], kc["BITS"], vc["BITS"], seq_start is not None,
             cfg.gluon_stages, cfg.maxnreg, fp_in, bool(cfg.gluon_trigger), release, claim=claim, counters=counters,
-            k_i8=cfg.gluon_i8 == 1 or (cfg.gluon_i8 == -1 and k_fmt.bits == 2
-                                        and -(-n_quant // block_n) // num_splits >= I8_MIN_TILES))
+            k_i8=k_i8)
         num_warps = 1
     else:
         kernel = _decode_split_kernel[(B * Hkv, n_slots)](
