@@ -44,9 +44,13 @@ tokens per step:
 * the programs write the partials of :mod:`kvcompile.kernels.decode`, whose merge kernel is launched as their
   programmatic dependent (by default it may launch as soon as every program has started; it waits for the results).
 
-Measured on an H200 (``benchmarks/RESULTS.md`` §1a⁵, §1a⁶): Llama-3-8B shape, batch 8, 32k: nsep-4 75.6 us (SDPA
-244.9: 3.24x; it reads at 82 % of the measured HBM read bandwidth), nsep-2 with int8 scores 55.2 us against 57.0
-with fp16 ones in the same run (SDPA 244.9: 4.4x).
+* at 2-bit keys and values (``LEAN``, :func:`_values`) the loop, bound by instructions rather than memory, also
+  skips the end-of-range selects on whole tiles, rescales its running state only when a running max grows, and
+  sums the softmax weights by an MMA over a tile of ones.
+
+Measured on an H200 (``benchmarks/RESULTS.md`` §1a⁶, §1a⁷): Llama-3-8B shape, batch 8, 32k: nsep-4 76.2 us (SDPA
+244.5: 3.21x; it reads at 81 % of the measured HBM read bandwidth), nsep-2 53.2 us (4.59x; 55.2 us with the int8
+scores alone, 57.0 with fp16 ones).
 
 Scope: Hopper GPUs (sm_90); nsep / int-token keys and values of 2 or 4 bits at head_dim 128, up to 8 query heads per
 KV head, fp16 or bf16 queries and fp16 slots, no soft-capping (:func:`supported`; the rest runs the Triton kernel).
@@ -583,6 +587,20 @@ if HAVE_GLUON:
         async_copy.commit_group()
 
     @gluon.jit
+    def _issue_whole(ksm, vsm, rksm, rvsm, st, n1, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, SKT: gl.constexpr,
+                     SVT: gl.constexpr):
+        """:func:`_issue`, without the per-row masks (and their address arithmetic) where the whole tile lies below
+        hi: a warp-uniform branch."""
+        if n1 + kt.shape[0] <= hi:
+            _async_load(ksm.index(st), kp + n1 * SKT + kwo)
+            _async_load(vsm.index(st), vp + n1 * SVT + vwo)
+            _async_load(rksm.index(st), rkp + n1 + ro)
+            _async_load(rvsm.index(st), rvp + n1 + ro)
+            async_copy.commit_group()
+        else:
+            _issue(ksm, vsm, rksm, rvsm, st, n1, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, SKT, SVT)
+
+    @gluon.jit
     def _claim(cnt, lane, need):
         """Ask the head's counter for the next dynamic tile (an atomic in lane 0 when ``need``). The answer stays in
         lane 0's register until :func:`_tile_at` reads it, a tile of work later, so its latency is hidden."""
@@ -626,59 +644,126 @@ if HAVE_GLUON:
         return kw, rk, vw, rv
 
     @gluon.jit
-    def _tile(kw, rk, vw, rv, v_stage, rv_stage, n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq, m_i, l8, pvs, acc0,
-              acc1, acc2, acc3, K_BITS: gl.constexpr, V_BITS: gl.constexpr, HAS_START: gl.constexpr,
-              LATE_V: gl.constexpr, MMA: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
-              KI8: gl.constexpr, OPK: gl.constexpr):
-        """One tile of tokens [n0, n0 + BLOCK_N) (those < hi count): scores from the key words and r, online softmax,
-        values. LATE_V: the value words and r are read from their stage here, after the scores (fewer registers
-        live), else they come in ``vw``/``rv``. Returns the running state; acc2/acc3 only change at 2-bit values
-        (the caller passes placeholders otherwise), q2/q3 only count at 2-bit keys. KI8: the keys are bytes and
-        q0/q1 the query's high and low int8 halves (:func:`_k_operand_i8`); q2/q3 do not count."""
+    def _scores(kw, rk, n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq, K_BITS: gl.constexpr,
+                HAS_START: gl.constexpr, MMA: gl.constexpr, OPA: gl.constexpr, KI8: gl.constexpr, OPK: gl.constexpr,
+                LEAN: gl.constexpr):
+        """The scores of tile [n0, n0 + BLOCK_N) in log2 units, -inf where a token does not count: [BLOCK_N, G_PAD]
+        from the key words (bytes with KI8) and r. With KI8 q0/q1 are the query's high and low int8 halves
+        (:func:`_k_operand_i8`) and ``qoff`` the code offset as an integer, folded into the integer sums; else
+        q0..q3 are the fp16 slices (q2/q3 only count at 2-bit keys) and ``qoff`` a float."""
         BN: gl.constexpr = kw.shape[0]
         K_P: gl.constexpr = 8 // K_BITS
-        V_P: gl.constexpr = 8 // V_BITS
         tr = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
         if KI8:
-            # exact integer scores: q = 256 q0 + q1, so the high half's sums are scaled by 256 in between
+            # exact integer scores: q = 256 q0 + q1. The two halves' sums are independent MMA chains (the low one
+            # starts from minus the offset), joined by one shift-add: no float subtraction per score
             a = _k_operand_i8(kw, K_BITS, OPK)
-            si = mma_v2(a, q0, gl.zeros([BN, _G], gl.int32, layout=MMA))
-            s = mma_v2(a, q1, si * 256).to(gl.float32)
-            SC: gl.constexpr = 1.0
+            shi = mma_v2(a, q0, gl.zeros([BN, _G], gl.int32, layout=MMA))
+            slo = mma_v2(a, q1, gl.zeros([BN, _G], gl.int32, layout=MMA) - qoff[None, :])
+            s = (shi * 256 + slo).to(gl.float32)
         else:
             s = mma_v2(_k_operand(kw, 0, K_BITS, OPA), q0, gl.zeros([BN, _G], gl.float32, layout=MMA))
             s = mma_v2(_k_operand(kw, 1, K_BITS, OPA), q1, s)
             if K_P > 2:
                 s = mma_v2(_k_operand(kw, 2, K_BITS, OPA), q2, s)
                 s = mma_v2(_k_operand(kw, 3, K_BITS, OPA), q3, s)
-            SC: gl.constexpr = _TWO24
+            s = s * _TWO24 - qoff[None, :]
         t = n0 + tr
-        s = (s * SC - qoff[None, :]) * (rk.to(gl.float32) * rq)[:, None]
-        valid = t < hi
+        s = s * (rk.to(gl.float32) * rq)[:, None]
         if HAS_START:
-            valid = valid & (t + n_sinks >= start)
-        s = gl.where(valid[:, None], s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=0))
-        p = gl.exp2(s - m_new[None, :])
-        alpha = gl.exp2(m_i - m_new)
-        l8 = _scale_cols(l8, alpha) + _rows8(p)
-        m_i = m_new
+            s = gl.where(((t < hi) & (t + n_sinks >= start))[:, None], s, float("-inf"))
+        elif LEAN:
+            if n0 + BN > hi:  # a branch: whole tiles skip the selects
+                s = gl.where((t < hi)[:, None], s, float("-inf"))
+        else:
+            s = gl.where((t < hi)[:, None], s, float("-inf"))
+        return s
+
+    @gluon.jit
+    def _values(s, vw, rv, v_stage, rv_stage, n0, hi, m_i, l8, pvs, acc0, acc1, acc2, acc3, V_BITS: gl.constexpr,
+                LATE_V: gl.constexpr, MMA: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
+                LEAN: gl.constexpr):
+        """Online softmax of one tile's scores ``s`` (:func:`_scores`) and its values: the running state updated.
+        LATE_V: the value words and r are read from their stage here (fewer registers live), else they come in
+        ``vw``/``rv``. acc2/acc3 only change at 2-bit values (the caller passes placeholders otherwise). ``pvs``: the
+        running sum of the fp16 weights p * r per query head (the values' code offset times it is subtracted at the
+        end).
+
+        LEAN (2-bit keys and values, whose loop is bound by instructions, not by memory): fewer instructions per
+        tile, measured 54.7 -> 52.6-53.0 us at the target shape (``benchmarks/RESULTS.md`` §1a⁷). The running state
+        is rescaled only when some query head's running max grows (after a program's first tiles, rarely): a
+        warp-uniform branch instead of 40 multiplications per tile, and the same sums. ``pvs`` [16, G_PAD] is
+        accumulated by an MMA over a tile of ones: 4 MMAs in place of 32 conversions and additions, and its sums are
+        exactly those the value MMAs make. The end-of-range selects are a branch that whole tiles skip. Else ``pvs``
+        is [8, G_PAD] partial sums over row groups: nsep-4's loop waits for memory, and there these forms measured
+        no faster (79.2 -> 80.0 us with fixed ranges, same run)."""
+        BN: gl.constexpr = s.shape[0]
+        V_P: gl.constexpr = 8 // V_BITS
+        tr = gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+        if LEAN:
+            m_t = gl.max(s, axis=0)
+            if gl.max((m_t > m_i).to(gl.int32), axis=0) > 0:
+                m_new = gl.maximum(m_i, m_t)
+                alpha = gl.exp2(m_i - m_new)
+                l8 = _scale_cols(l8, alpha)
+                pvs = pvs * alpha[None, :]
+                acc0 = acc0 * alpha[None, :]
+                acc1 = acc1 * alpha[None, :]
+                if V_P > 2:
+                    acc2 = acc2 * alpha[None, :]
+                    acc3 = acc3 * alpha[None, :]
+                m_i = m_new
+            p = gl.exp2(s - m_i[None, :])
+            l8 = l8 + _rows8(p)
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, axis=0))
+            p = gl.exp2(s - m_new[None, :])
+            alpha = gl.exp2(m_i - m_new)
+            l8 = _scale_cols(l8, alpha) + _rows8(p)
+            m_i = m_new
         if LATE_V:
             rv = rv_stage.reshape([BN]).load(gl.SliceLayout(1, MMA))
-        rv = gl.where(t < hi, rv.to(gl.float32), 0.0)  # a word's second token may lie past the end
+        if LEAN:
+            rv = rv.to(gl.float32)
+            if n0 + BN > hi:  # a word's second token may lie past the end
+                rv = gl.where(n0 + tr < hi, rv, 0.0)
+        else:
+            rv = gl.where(n0 + tr < hi, rv.to(gl.float32), 0.0)
         pv = (p * rv[:, None]).to(gl.float16)
-        pvs = _scale_cols(pvs, alpha) + _rows8(pv.to(gl.float32))
         pt = _p_operand(pv, OPB)
+        if LEAN:
+            pvs = mma_v2(gl.full([16, BN], 1.0, gl.float16, layout=OPA), pt, pvs)
+        else:
+            pvs = _scale_cols(pvs, alpha) + _rows8(pv.to(gl.float32))
 
         if LATE_V:
             vw = v_stage.load(VW).to(gl.uint32, bitcast=True)
         x01, x23 = _v_pairs(vw)
-        acc0 = mma_v2(_v_operand(x01, x23, 0, V_BITS, OPA), pt, acc0 * alpha[None, :])
-        acc1 = mma_v2(_v_operand(x01, x23, 1, V_BITS, OPA), pt, acc1 * alpha[None, :])
-        if V_P > 2:
-            acc2 = mma_v2(_v_operand(x01, x23, 2, V_BITS, OPA), pt, acc2 * alpha[None, :])
-            acc3 = mma_v2(_v_operand(x01, x23, 3, V_BITS, OPA), pt, acc3 * alpha[None, :])
+        if LEAN:
+            acc0 = mma_v2(_v_operand(x01, x23, 0, V_BITS, OPA), pt, acc0)
+            acc1 = mma_v2(_v_operand(x01, x23, 1, V_BITS, OPA), pt, acc1)
+            if V_P > 2:
+                acc2 = mma_v2(_v_operand(x01, x23, 2, V_BITS, OPA), pt, acc2)
+                acc3 = mma_v2(_v_operand(x01, x23, 3, V_BITS, OPA), pt, acc3)
+        else:
+            acc0 = mma_v2(_v_operand(x01, x23, 0, V_BITS, OPA), pt, acc0 * alpha[None, :])
+            acc1 = mma_v2(_v_operand(x01, x23, 1, V_BITS, OPA), pt, acc1 * alpha[None, :])
+            if V_P > 2:
+                acc2 = mma_v2(_v_operand(x01, x23, 2, V_BITS, OPA), pt, acc2 * alpha[None, :])
+                acc3 = mma_v2(_v_operand(x01, x23, 3, V_BITS, OPA), pt, acc3 * alpha[None, :])
         return m_i, l8, pvs, acc0, acc1, acc2, acc3
+
+    @gluon.jit
+    def _tile(kw, rk, vw, rv, v_stage, rv_stage, n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq, m_i, l8, pvs, acc0,
+              acc1, acc2, acc3, K_BITS: gl.constexpr, V_BITS: gl.constexpr, HAS_START: gl.constexpr,
+              LATE_V: gl.constexpr, MMA: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
+              KI8: gl.constexpr, OPK: gl.constexpr):
+        """One tile of tokens [n0, n0 + BLOCK_N) (those < hi count): :func:`_scores`, then :func:`_values`."""
+        LEAN: gl.constexpr = K_BITS == 2 and V_BITS == 2
+        s = _scores(kw, rk, n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq, K_BITS, HAS_START, MMA, OPA, KI8, OPK,
+                    LEAN)
+        return _values(s, vw, rv, v_stage, rv_stage, n0, hi, m_i, l8, pvs, acc0, acc1, acc2, acc3, V_BITS, LATE_V,
+                       MMA, VW, OPA, OPB, LEAN)
 
     @gluon.jit
     def _quant_part(
@@ -794,12 +879,17 @@ if HAVE_GLUON:
         else:
             qoff = qoff * (1 << (K_BITS - 1))
             rq = 1.0 / qnorm
+        if KI8:
+            qoff = _rint(qoff)  # joins the integer sums (an error of at most half a unit of the 15-bit query)
         qoff = gl.convert_layout(qoff, gl.SliceLayout(0, MMA))
 
         m_i = gl.full([_G], _NEG, gl.float32, layout=gl.SliceLayout(0, MMA))
         # softmax denominator and sum_t p_t r_t as partial sums over row groups, reduced across threads after the loop
         l8 = _rows8(gl.zeros([BN, _G], gl.float32, layout=MMA))
-        pvs = _rows8(gl.zeros([BN, _G], gl.float32, layout=MMA))
+        if K_BITS == 2 and V_BITS == 2:  # (see _values: LEAN)
+            pvs = gl.zeros([16, _G], gl.float32, layout=MMA)
+        else:
+            pvs = _rows8(gl.zeros([BN, _G], gl.float32, layout=MMA))
         acc0 = gl.zeros([_D // V_P, _G], gl.float32, layout=MMA)
         acc1 = gl.zeros([_D // V_P, _G], gl.float32, layout=MMA)
         if V_P > 2:
@@ -858,8 +948,12 @@ if HAVE_GLUON:
                     st = ld
                 else:
                     _barrier()  # every lane is done reading the stage about to be refilled
-                _issue(ksm, vsm, rksm, rvsm, st, n0 + PRE * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, skt,
-                       svt)
+                if RELEASE or not (K_BITS == 2 and V_BITS == 2):  # (unmasked whole tiles: LEAN's, see _values)
+                    _issue(ksm, vsm, rksm, rvsm, st, n0 + PRE * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, skt,
+                           svt)
+                else:
+                    _issue_whole(ksm, vsm, rksm, rvsm, st, n0 + PRE * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt,
+                                 rw, skt, svt)
                 if not RELEASE:
                     kw, rk, vw, rv = _land(ksm, vsm, rksm, rvsm, ld, STAGES, False, KW, VW, MMA, KI8)
                 m_i, l8, pvs, acc0, acc1, a2, a3 = _tile(
@@ -876,7 +970,10 @@ if HAVE_GLUON:
             _launch_dependents()  # the merge kernel may start launching (it waits for this grid to finish)
 
         l_i = gl.convert_layout(gl.sum(l8, axis=0), gl.SliceLayout(0, MMA))
-        prs = gl.convert_layout(gl.sum(pvs, axis=0), gl.SliceLayout(0, MMA))
+        if K_BITS == 2 and V_BITS == 2:
+            prs = gl.max(pvs, axis=0)  # every row holds the same sums
+        else:
+            prs = gl.convert_layout(gl.sum(pvs, axis=0), gl.SliceLayout(0, MMA))
         pacc = pacc_ptr + part * (G * _D)
         vsp = vs_ptr + h * _D
         _store_out(acc0, prs, 0, V_BITS, V_MID, V_NSEP, vsp, pacc, G, MMA)
