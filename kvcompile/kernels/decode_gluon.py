@@ -757,9 +757,8 @@ if HAVE_GLUON:
     def _tile(kw, rk, vw, rv, v_stage, rv_stage, n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq, m_i, l8, pvs, acc0,
               acc1, acc2, acc3, K_BITS: gl.constexpr, V_BITS: gl.constexpr, HAS_START: gl.constexpr,
               LATE_V: gl.constexpr, MMA: gl.constexpr, VW: gl.constexpr, OPA: gl.constexpr, OPB: gl.constexpr,
-              KI8: gl.constexpr, OPK: gl.constexpr):
+              KI8: gl.constexpr, OPK: gl.constexpr, LEAN: gl.constexpr):
         """One tile of tokens [n0, n0 + BLOCK_N) (those < hi count): :func:`_scores`, then :func:`_values`."""
-        LEAN: gl.constexpr = K_BITS == 2 and V_BITS == 2
         s = _scores(kw, rk, n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq, K_BITS, HAS_START, MMA, OPA, KI8, OPK,
                     LEAN)
         return _values(s, vw, rv, v_stage, rv_stage, n0, hi, m_i, l8, pvs, acc0, acc1, acc2, acc3, V_BITS, LATE_V,
@@ -788,6 +787,8 @@ if HAVE_GLUON:
         V_P: gl.constexpr = 8 // V_BITS
         K_MID: gl.constexpr = K_NSEP == 2
         V_MID: gl.constexpr = V_NSEP == 2
+        # both 2-bit: the loop is bound by instructions, not memory, and takes the leaner forms of _values
+        LEAN: gl.constexpr = K_BITS == 2 and V_BITS == 2
         # token rows are contiguous (checked by the host): the strides are compile-time constants, so every load of
         # a tile is one per-thread base register plus an immediate offset
         KNW: gl.constexpr = _D * K_BITS // 32
@@ -886,7 +887,7 @@ if HAVE_GLUON:
         m_i = gl.full([_G], _NEG, gl.float32, layout=gl.SliceLayout(0, MMA))
         # softmax denominator and sum_t p_t r_t as partial sums over row groups, reduced across threads after the loop
         l8 = _rows8(gl.zeros([BN, _G], gl.float32, layout=MMA))
-        if K_BITS == 2 and V_BITS == 2:  # (see _values: LEAN)
+        if LEAN:  # (see _values)
             pvs = gl.zeros([16, _G], gl.float32, layout=MMA)
         else:
             pvs = _rows8(gl.zeros([BN, _G], gl.float32, layout=MMA))
@@ -923,7 +924,7 @@ if HAVE_GLUON:
                 m_i, l8, pvs, acc0, acc1, a2, a3 = _tile(
                     kw, rk, vw, rv, vsm.index(ld), rvsm.index(ld), t0 * BN, hi, n_sinks, start, q0, q1, q2, q3, qoff,
                     rq, m_i, l8, pvs, acc0, acc1, acc2, acc3, K_BITS, V_BITS, HAS_START, not RELEASE, MMA, VW, OPA,
-                    OPB, KI8, OPK)
+                    OPB, KI8, OPK, LEAN)
                 if V_P > 2:
                     acc2 = a2
                     acc3 = a3
@@ -948,7 +949,7 @@ if HAVE_GLUON:
                     st = ld
                 else:
                     _barrier()  # every lane is done reading the stage about to be refilled
-                if RELEASE or not (K_BITS == 2 and V_BITS == 2):  # (unmasked whole tiles: LEAN's, see _values)
+                if RELEASE or not LEAN:  # (unmasked whole tiles: LEAN's, see _values)
                     _issue(ksm, vsm, rksm, rvsm, st, n0 + PRE * BN, hi, kp, vp, rkp, rvp, kwo, vwo, ro, kt, vt, rw, skt,
                            svt)
                 else:
@@ -959,7 +960,7 @@ if HAVE_GLUON:
                 m_i, l8, pvs, acc0, acc1, a2, a3 = _tile(
                     kw, rk, vw, rv, vsm.index(ld), rvsm.index(ld), n0, hi, n_sinks, start, q0, q1, q2, q3, qoff, rq,
                     m_i, l8, pvs, acc0, acc1, acc2, acc3, K_BITS, V_BITS, HAS_START, not RELEASE, MMA, VW, OPA, OPB,
-                    KI8, OPK)
+                    KI8, OPK, LEAN)
                 if V_P > 2:
                     acc2 = a2
                     acc3 = a3
@@ -970,7 +971,7 @@ if HAVE_GLUON:
             _launch_dependents()  # the merge kernel may start launching (it waits for this grid to finish)
 
         l_i = gl.convert_layout(gl.sum(l8, axis=0), gl.SliceLayout(0, MMA))
-        if K_BITS == 2 and V_BITS == 2:
+        if LEAN:
             prs = gl.max(pvs, axis=0)  # every row holds the same sums
         else:
             prs = gl.convert_layout(gl.sum(pvs, axis=0), gl.SliceLayout(0, MMA))
