@@ -625,7 +625,7 @@ if HAVE_GLUON:
               VW: gl.constexpr, MMA: gl.constexpr, KI8: gl.constexpr):
         """Wait for stage ``ld``'s tile (the oldest copy group) and read its keys and key r, and with ALL its values
         and value r too, then make sure every lane is done reading the stage (r is read back by other lanes). Without
-        ALL the values are placeholders: :func:`_tile` reads them from the stage after the scores."""
+        ALL the values are placeholders: :func:`_values` reads them from the stage after the scores."""
         BN: gl.constexpr = _BN
         async_copy.wait_group(STAGES - 1)
         _barrier()
@@ -885,7 +885,8 @@ if HAVE_GLUON:
         qoff = gl.convert_layout(qoff, gl.SliceLayout(0, MMA))
 
         m_i = gl.full([_G], _NEG, gl.float32, layout=gl.SliceLayout(0, MMA))
-        # softmax denominator and sum_t p_t r_t as partial sums over row groups, reduced across threads after the loop
+        # softmax denominator as partial sums over row groups, reduced across threads after the loop; sum_t p_t r_t
+        # the same way, or with LEAN as the accumulator of an MMA over ones
         l8 = _rows8(gl.zeros([BN, _G], gl.float32, layout=MMA))
         if LEAN:  # (see _values)
             pvs = gl.zeros([16, _G], gl.float32, layout=MMA)
