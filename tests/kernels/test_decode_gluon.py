@@ -29,14 +29,16 @@ def _compile_report() -> None:  # run in a child process: the tests' TRITON_INTE
     what its main loop holds, one JSON line per case."""
     from kvcompile.kernels.sass import capture_launch, compile_for, disassemble, loop_histogram
 
-    for k, v, n_fp, cfg in ((NSEP4, NSEP4, 132, ""), (NSEP2, NSEP2, 132, ""), (NSEP4, NSEP2, 132, ""),
-                            (NSEP4, INT2, 0, ""), (NSEP4, NSEP4, 132, "gluon_claim=75"),
-                            (NSEP2, NSEP2, 132, "gluon_i8=0"), (NSEP2, NSEP4, 132, "")):
+    for k, v, n_fp, cfg, hq in ((NSEP4, NSEP4, 132, "", 32), (NSEP2, NSEP2, 132, "", 32), (NSEP4, NSEP2, 132, "", 32),
+                                (NSEP4, INT2, 0, "", 32), (NSEP4, NSEP4, 132, "gluon_claim=75", 32),
+                                (NSEP2, NSEP2, 132, "gluon_i8=0", 32), (NSEP2, NSEP4, 132, "", 32),
+                                (NSEP2, NSEP2, 132, "", 48)):
         os.environ["KVCOMPILE_DECODE_CONFIG"] = cfg
-        args, kw = capture_launch(k, v, 8, 32, 8, 128, 32768, n_fp=n_fp, gluon=True)
+        args, kw = capture_launch(k, v, 8, hq, 8, 128, 32768, n_fp=n_fp, gluon=True)
         kern, _ = compile_for(args, kw, 90, gluon=True)
         _, ops = loop_histogram(disassemble(kern.asm["cubin"]))
-        print(json.dumps({"bits": [k.bits, v.bits], "n_fp": n_fp, "cfg": cfg, "shared": kern.metadata.shared,
+        print(json.dumps({"bits": [k.bits, v.bits], "n_fp": n_fp, "cfg": cfg, "G": hq // 8,
+                          "shared": kern.metadata.shared,
                           "hmma": ops["HMMA"], "imma": ops["IMMA"], "shfl": ops["SHFL"],
                           "sts": ops["STS"] + ops["STSM"],
                           "ldl": ops["LDL"]}))
@@ -57,7 +59,7 @@ def test_gluon_loop_builds_its_operands_in_registers() -> None:
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 7, res.stdout
+    assert len(rows) == 8, res.stdout
     for r in rows:
         kb, vb = r["bits"]
         stages = 2 * 64 * (4 * (kb + vb) * 128 // 32 + 2 * 2)  # words of codes + two fp16 r per token
@@ -66,11 +68,13 @@ def test_gluon_loop_builds_its_operands_in_registers() -> None:
             f"bits {r['bits']}: {r['shared']} B of shared memory, the copies need {stages}"
         # 64 tokens: 32 score MMAs (fp16, or int8 for the high and low query halves: gluon_i8, on by default at
         # 2-bit keys) + 32 value MMAs, whatever the widths, + 4 over a tile of ones (the sums of the weights) when
-        # keys and values are both 2-bit (decode_gluon._values: LEAN)
+        # keys and values are both 2-bit (decode_gluon._values: LEAN), 2 when the int8 scores also take the tile's
+        # second half into the padding columns (at most 4 query heads per KV head: HALF)
         i8 = "gluon_i8=1" in r["cfg"] or (kb == 2 and "gluon_i8=0" not in r["cfg"])
-        ones = 4 if kb == vb == 2 else 0
+        ones = (2 if i8 and r["G"] <= 4 else 4) if kb == vb == 2 else 0
         assert (r["hmma"], r["imma"]) == ((32 + ones, 32) if i8 else (64 + ones, 0)), r
-        assert r["shfl"] <= 16 and r["sts"] == 0 and r["ldl"] == 0, r
+        # (LEAN: the rare branch that rescales the running state takes each head's max again: 6 more shuffles)
+        assert r["shfl"] <= (22 if kb == vb == 2 else 16) and r["sts"] == 0 and r["ldl"] == 0, r
 
 
 @needs_gluon
@@ -101,6 +105,10 @@ GPU_CASES = [
     Case(INT2, NSEP2, G=3, Hkv=2, B=2, n_quant=64, n_fp=3, sinks=1, dtype=torch.bfloat16, splits=1),
     Case(NSEP4, INT2, G=1, Hkv=3, B=2, n_quant=4101, n_fp=128, sinks=4, dtype=torch.float16, seq_start=(200, 3),
          cap=4102),
+    # 2-bit keys and values, at most 4 query heads, a start per sequence and a last tile cut short: with int8 scores
+    # the padding columns take each tile's second half (decode_gluon HALF), whose masks run per column
+    Case(NSEP2, NSEP2, G=2, Hkv=2, B=2, n_quant=1001, n_fp=20, sinks=4, dtype=torch.bfloat16, seq_start=(0, 300),
+         splits=3, cap=1002),
 ]
 
 
