@@ -50,7 +50,7 @@ One query token per sequence attends to ``n_quant`` quantized tokens (read packe
 On Hopper GPUs the common case (packed nsep / int-token keys and values of 2 or 4 bits at head_dim 128) runs the split
 programs in Gluon instead (:mod:`kvcompile.kernels.decode_gluon`: the same math and partials, operands built in
 registers; on an H200 up to 1.6x faster, and within 1 % at the one measured shape where it is not faster,
-benchmarks/RESULTS.md §1a″; current figures §1a⁵); ``_merge_kernel`` is then launched as its programmatic
+benchmarks/RESULTS.md §1a″; current figures §1a⁸); ``_merge_kernel`` is then launched as its programmatic
 dependent.
 ``DecodeConfig.gluon = 0`` keeps this module's split kernel everywhere.
 

@@ -776,6 +776,12 @@ if HAVE_GLUON:
         return s, sc
 
     @gluon.jit
+    def _half_tokens(n0, R: gl.constexpr, MMA: gl.constexpr):
+        """HALF: the token of every score [R, G_PAD] of the tile at n0 (column c >= G_PAD/2: the second half)."""
+        c = gl.arange(0, _G, layout=gl.SliceLayout(0, MMA))
+        return n0 + gl.arange(0, R, layout=gl.SliceLayout(1, MMA))[:, None] + R * (c >= _G // 2).to(gl.int32)[None, :]
+
+    @gluon.jit
     def _masked(x, n0, hi, n_sinks, start, HAS_START: gl.constexpr, LEAN: gl.constexpr, HALF: gl.constexpr,
                 MMA: gl.constexpr):
         """Scores x [R, G_PAD] of tile [n0, n0 + BLOCK_N) with -inf where a token does not count (past ``hi``, or
@@ -784,8 +790,7 @@ if HAVE_GLUON:
         BN: gl.constexpr = _BN
         tr = gl.arange(0, R, layout=gl.SliceLayout(1, MMA))
         if HALF:
-            c = gl.arange(0, _G, layout=gl.SliceLayout(0, MMA))
-            t = n0 + tr[:, None] + R * (c >= _G // 2).to(gl.int32)[None, :]  # [R, G_PAD]: each score's token
+            t = _half_tokens(n0, R, MMA)
             if HAS_START:
                 x = gl.where((t < hi) & (t + n_sinks >= start), x, float("-inf"))
             elif n0 + BN > hi:
@@ -870,10 +875,7 @@ if HAVE_GLUON:
             R: gl.constexpr = BN // 2
             pv = p * _by_half(rv, MMA).to(gl.float32)
             if n0 + BN > hi:  # a word's second token may lie past the end
-                c = gl.arange(0, _G, layout=gl.SliceLayout(0, MMA))
-                t = (n0 + gl.arange(0, R, layout=gl.SliceLayout(1, MMA))[:, None]
-                     + R * (c >= _G // 2).to(gl.int32)[None, :])
-                pv = gl.where(t < hi, pv, 0.0)
+                pv = gl.where(_half_tokens(n0, R, MMA) < hi, pv, 0.0)
             pt = _p_operand(pv.to(gl.float16), OPB)  # [R, G_PAD]
             pvs = mma_v2(gl.full([16, R], 1.0, gl.float16, layout=OPA), pt, pvs)
             # the values' dot runs over all BN tokens: column c takes rows [0, R) (c < G_PAD/2) or [R, BN) of it
