@@ -27,7 +27,14 @@ if str(ROOT) not in sys.path:
 
 from kvcompile.formats import KVFormat  # noqa: E402
 from kvcompile.kernels import decode_gluon  # noqa: E402
-from kvcompile.kernels.sass import capture_launch, compile_for, disassemble, loop_histogram, resource_usage  # noqa: E402
+from kvcompile.kernels.sass import (  # noqa: E402
+    capture_launch,
+    compile_for,
+    disassemble,
+    loop_histogram,
+    program_sections,
+    resource_usage,
+)
 
 
 def main() -> int:
@@ -57,6 +64,8 @@ def main() -> int:
           f"shared {k.metadata.shared} B; {usage}")
     print(f"main loop: {n} instructions per warp per iteration ({block_n // opts['num_warps']} tokens per warp)")
     print("  " + ", ".join(f"{op} {c}" for op, c in ops.most_common(20)))
+    setup, _, epilogue = program_sections(sass)
+    print(f"per program, outside the loop (static counts): {setup} instructions before it, {epilogue} after it")
     return 0
 
 

@@ -50,8 +50,9 @@ One query token per sequence attends to ``n_quant`` quantized tokens (read packe
 On Hopper GPUs the common case (packed nsep / int-token keys and values of 2 or 4 bits at head_dim 128) runs the split
 programs in Gluon instead (:mod:`kvcompile.kernels.decode_gluon`: the same math and partials, operands built in
 registers; on an H200 up to 1.6x faster, and within 1 % at the one measured shape where it is not faster,
-benchmarks/RESULTS.md §1a″; current figures §1a⁸); ``_merge_kernel`` is then launched as its programmatic
-dependent.
+benchmarks/RESULTS.md §1a″; current figures §1a⁹), followed by its own merge kernel where a KV head has at most 64
+partials (:func:`kvcompile.kernels.decode_gluon.merge`), else by ``_merge_kernel``, either launched as the split
+kernel's programmatic dependent.
 ``DecodeConfig.gluon = 0`` keeps this module's split kernel everywhere.
 
 Masks: only left padding (``seq_start``); the decode token sees every cached key. ``softcap`` applies Gemma-2's
@@ -657,6 +658,8 @@ def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, sob, soh, Hq, G, n_slots, c
     as a programmatic dependent of the split kernel (which lets it launch before its last programs end), so it
     first waits for that grid's results. CLAIMS: the split grid claimed tiles at run time; the first program of
     each KV head zeroes the head's counter (``cnt_ptr[bh]``) for the next launch, the grid being done with it.
+    (The Gluon split kernel's own merge, :func:`kvcompile.kernels.decode_gluon.merge`, does the same for up to
+    :data:`kvcompile.kernels.decode_gluon.MERGE_MAX` partials per KV head; this one takes the longer lists.)
     """
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -700,9 +703,10 @@ class DecodeConfig:
     ``num_stages``: software-pipelining depth of the tile loads. ``min_g_pad``: the query heads of a KV head are padded
     to a power of two at least this large (the dot's N dimension). ``ctas_per_sm``: programs one SM runs at once,
     until the first launch of a kernel variant tells (it sizes the split count). ``maxnreg``: a register cap per thread
-    (0 = the compiler's choice). ``merge_block``: partials the merge kernel combines per step (64: with 16, a long
-    context on few KV heads spent several serial steps merging; H200, batch 1, 32k, nsep-2: Qwen2.5-1.5B shape 21.1 ->
-    17.7 us, Llama-3-8B shape 25.0 -> 21.9 us, ``results/h200_v5_b1_merge*.log``). ``v_lanes``: lanes per
+    (0 = the compiler's choice). ``merge_block``: partials this module's merge kernel combines per step (64: with
+    16, a long context on few KV heads spent several serial steps merging; H200, batch 1, 32k, nsep-2: Qwen2.5-1.5B
+    shape 21.1 -> 17.7 us, Llama-3-8B shape 25.0 -> 21.9 us, ``results/h200_v5_b1_merge*.log``; the Gluon path's
+    merge, :func:`kvcompile.kernels.decode_gluon.merge`, takes up to 64 in one step). ``v_lanes``: lanes per
     shared-memory row of the packed value tiles, -1 = by row size (see :meth:`v_lanes_for`). ``gluon``: -1 = run the
     quantized splits with the Gluon loop of :mod:`kvcompile.kernels.decode_gluon` wherever it applies, 0 = always
     the Triton kernel. ``gluon_stages``: copy stages of the Gluon loop's tiles (2 measured best, see its module).
@@ -1123,7 +1127,10 @@ def _decode(q: Tensor, k_store: dict[str, Tensor], v_store: dict[str, Tensor], k
         _OCC_SEEN.add(variant)
         occ = _ctas_per_sm(kernel, num_warps, q.device.index or 0, cfg.slots_per_sm(num_warps))
         _OCCUPANCY[occ_key] = min(occ, _OCCUPANCY.get(occ_key, occ))
-    if not direct:
+    if use_gluon and n_slots <= decode_gluon.MERGE_MAX:
+        # its own merge: one warp per query head and 32 channels, the sums over the partials in-thread
+        decode_gluon.merge(pm, pl, pacc, out, Hq, G, n_slots, counters)
+    elif not direct:
         _merge_kernel[(B * Hq,)](
             pm, pl, pacc, out, out.stride(0), out.stride(1), Hq, G, n_slots, counters if counters is not None else pm,
             HEAD_DIM=d, D_PAD=next_pow2(d), S_BLOCK=min(cfg.merge_block, next_pow2(n_slots)), PDL=use_gluon,

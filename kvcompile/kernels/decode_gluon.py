@@ -41,8 +41,11 @@ tokens per step:
   the GPU's wave, split program ``j mod num_splits`` attends to chunk j (``FP_CHUNK_IN`` slots) after its loop, so
   that no split waits for a place on an SM; otherwise more programs of the same kernel take ``FP_CHUNK`` slots each,
   placed first in the grid, and run beside the splits (the host decides: :func:`kvcompile.kernels.decode._decode`).
-* the programs write the partials of :mod:`kvcompile.kernels.decode`, whose merge kernel is launched as their
-  programmatic dependent (by default it may launch as soon as every program has started; it waits for the results).
+* the programs write the partials of :mod:`kvcompile.kernels.decode`; this module's merge kernel (:func:`merge`)
+  is launched as their programmatic dependent (by default it may launch as soon as every program has started; it
+  waits for the results). It keeps every partial of a channel in one lane's registers, so its sums over the
+  partials need no shared-memory reduction (H200, Llama-3-8B shape, batch 8, 32k, nsep-2: 48.6 -> 48.0 us against
+  the Triton merge kernel, ``benchmarks/RESULTS.md`` §1a⁹).
 
 * at 2-bit keys and values (``LEAN``, :func:`_values`) the loop, bound by instructions rather than memory, also
   skips the end-of-range selects on whole tiles, rescales its running state only when a running max grows, and
@@ -57,9 +60,15 @@ tokens per step:
   two splits are. There the growth check of the running max is also one warp vote (:func:`_any_positive`) instead of
   a chain of shuffles, and the scores' scale joins the subtraction of the running max (one fused multiply-add).
 
-Measured on an H200 (``benchmarks/RESULTS.md`` §1a⁶-§1a⁸): Llama-3-8B shape, batch 8, 32k: nsep-4 74.7 us (SDPA
-238.7: 3.20x; it reads at 81 % of the measured HBM read bandwidth), nsep-2 50.6 us (4.71x; 53.2 us before HALF,
-55.2 us with the int8 scores alone, 57.0 with fp16 ones).
+* the per-program work around the loop is kept small, since at 16 tiles per program it weighed ~14 % of the
+  instructions: the int8 query is built in the B operand's own layout (:func:`_q_operand_i8`: vector loads, no
+  layout conversion, its maximum reduced over a thread's registers first), and HALF's two halves are exchanged by
+  one butterfly shuffle per register (:func:`_other_half`). Setup 1,334 -> 684 and epilogue 468 -> 349
+  instructions per program at the target shape (``benchmarks/kernel_sass.py``, Triton 3.6).
+
+Measured on an H200 (``benchmarks/RESULTS.md`` §1a⁶-§1a⁹): Llama-3-8B shape, batch 8, 32k: nsep-4 74.9 us (SDPA
+244.5: 3.26x; it reads at 82 % of the measured HBM read bandwidth), nsep-2 48.3 us (5.07x; 50.6 us before the
+leaner setup and merge, 53.2 us before HALF, 55.2 us with the int8 scores alone, 57.0 with fp16 ones).
 
 Scope: Hopper GPUs (sm_90); nsep / int-token keys and values of 2 or 4 bits at head_dim 128, up to 8 query heads per
 KV head, fp16 or bf16 queries and fp16 slots, no soft-capping (:func:`supported`; the rest runs the Triton kernel).
@@ -85,14 +94,15 @@ try:  # Gluon is experimental and versioned with Triton; without it the Triton k
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["FP_CHUNK", "FP_CHUNK_IN", "HAVE_GLUON", "fp_splits", "gluon_layouts", "launch", "launch_counters",
-           "record_program_times", "supported"]
+__all__ = ["FP_CHUNK", "FP_CHUNK_IN", "HAVE_GLUON", "MERGE_MAX", "fp_splits", "gluon_layouts", "launch",
+           "launch_counters", "merge", "record_program_times", "supported"]
 
 BLOCK_N = 64  # tokens per loop step: the M dimension of four 16-row MMA tiles, one warp
 FP_CHUNK = 32  # fp16 slots per program of their own (sinks + tail: 100-200 slots go to several short programs)
 FP_CHUNK_IN = 16  # fp16 slots per chunk that a split program attends to after its loop: one tile, one round trip
 G_PAD = 8  # query heads per KV head, padded: the MMA's N dimension
 HEAD_DIM = 128
+MERGE_MAX = 64  # partials per KV head that merge() takes (one block, in registers); longer lists: decode's merge
 
 
 def _mma_layout():
@@ -176,8 +186,9 @@ _COUNTERS: dict = {}  # (device index, stream) -> int32 counters, zero between l
 
 def launch_counters(device, n: int):
     """At least ``n`` int32 counters for a launch on ``device``'s current stream, zero: per KV head ``bh``, the tiles
-    claimed at run time. The merge kernel that follows the launch zeroes them again
-    (:func:`kvcompile.kernels.decode._merge_kernel`'s CLAIMS): it runs once the whole split grid has retired. One
+    claimed at run time. The merge kernel that follows the launch zeroes them again (:func:`merge`, or for more
+    than :data:`MERGE_MAX` partials per KV head :func:`kvcompile.kernels.decode._merge_kernel`'s CLAIMS): it runs
+    once the whole split grid has retired. One
     buffer per stream, so that launches on different streams never share counters; launches of one stream run one
     after the other. A CUDA graph keeps the buffer of the stream it was captured on: replays of graphs captured on
     one stream must not overlap (as with every buffer a graph holds). A buffer that must grow is replaced, and the
@@ -290,46 +301,63 @@ if HAVE_GLUON:
         return gl.convert_layout(j, OPK)
 
     @gluon.jit
-    def _q_operand_i8(q_ptr, sqh, ks_ptr, qscale, G, BITS: gl.constexpr, NSEP: gl.constexpr, BL: gl.constexpr,
+    def _q_operand_i8(q_ptr, sqh, ks_ptr, qscale, G, BITS: gl.constexpr, NSEP: gl.constexpr, OPQ: gl.constexpr,
                       HALF: gl.constexpr):
         """The query [128 slots, G_PAD] (fp32) in the slot order of :func:`_k_operand_i8`, times the softmax scale
-        and the nsep key scale, divided by the slot's field multiplier; and that multiplier [128]. HALF: column c
-        holds query head ``c mod G_PAD/2``."""
+        and the nsep key scale, divided by the slot's field multiplier; and that multiplier [128] (int32). Built in the
+        layout of the int8 MMA's B operand (OPQ: a thread holds slots of its own column only), so that the int8
+        halves made from it need no layout conversion (from a blocked layout that conversion and the padding of
+        :func:`_half_q` were ~350 of the program's ~1,300 setup instructions). HALF: column c holds query head
+        ``c mod G_PAD/2``."""
         M: gl.constexpr = _D * BITS // 8
         KS: gl.constexpr = M // 16
-        k = gl.arange(0, _D, layout=gl.SliceLayout(1, BL))
-        fa = (k >> 4) & 1
-        hi = k >> 5
+        k = gl.arange(0, _D, layout=gl.SliceLayout(1, OPQ))
+        # (// and % rather than shifts and masks: the compiler then sees runs of four consecutive channels in a
+        # thread's registers, k % 4, and reads them with one vector load)
+        fa = (k // 16) % 2
+        hi = k // 32
         if BITS == 2:
-            ks = hi & 1
-            f = fa + 2 * (hi >> 1)
-            mult = gl.where(fa == 1, 4.0, 1.0)
+            ks = hi % 2
+            f = fa + 2 * (hi // 2)
+            multi = 1 + 3 * fa
         else:
             ks = hi
             f = fa
-            mult = gl.full([_D], 1.0, gl.float32, layout=gl.SliceLayout(1, BL))
+            multi = gl.full([_D], 1, gl.int32, layout=gl.SliceLayout(1, OPQ))
         # field f of byte B holds channel f * M + B (the planar layout of formats.pack)
-        chan = f * M + (k & 3) + 4 * ks + 4 * KS * ((k >> 2) & 3)
-        g = gl.arange(0, _G, layout=gl.SliceLayout(0, BL))
+        chan = f * M + 4 * ks + 4 * KS * ((k // 4) % 4) + k % 4
+        g = gl.arange(0, _G, layout=gl.SliceLayout(0, OPQ))
         if HALF:
             g = g % (_G // 2)
         qt = gl.load(q_ptr + g[None, :] * sqh + chan[:, None], mask=(g < G)[None, :], other=0.0)
         qt = qt.to(gl.float32) * qscale
         if NSEP:
             qt = qt * gl.load(ks_ptr + chan)[:, None]
-        return qt / mult[:, None], mult
+        return qt / multi.to(gl.float32)[:, None], multi
 
     @gluon.jit
     def _half_q(q):
-        """HALF: the int8 query [128, G_PAD] -> [256, G_PAD]: column c keeps slots ``128 h + k`` where
+        """HALF: the int8 query [128, G_PAD] (layout OPQ) -> [256, G_PAD]: column c keeps slots ``128 h + k`` where
         h = (c >= G_PAD/2), zeros elsewhere. With the keys of :func:`_k_operand_i8` (row r: token r in slots 0-127,
         token r + BLOCK_N/2 in slots 128-255) score column c is then token ``r + (BLOCK_N/2) h`` against query head
-        c mod G_PAD/2."""
-        c = gl.arange(0, _G, layout=gl.SliceLayout(0, q.type.layout))
-        h = (c >= _G // 2)[None, :]
-        z = gl.zeros_like(q)
-        j = gl.join(gl.where(h, z, q), gl.where(h, q, z))  # [slot, c, h]
+        c mod G_PAD/2. In the B operand layout column c is lane // 4, so a lane keeps or clears whole 32-bit
+        registers (one select per four slots), and the halves become register bits of the same layout (the
+        conversion to the [256, G_PAD] operand moves nothing)."""
+        lo = _lanes_half(q, False)
+        hi = _lanes_half(q, True)
+        j = gl.join(lo, hi)  # [slot, c, h]
         return gl.reshape(gl.permute(j, [2, 0, 1]), [2 * _D, _G])
+
+    @gluon.jit
+    def _lanes_half(x, HI: gl.constexpr):
+        """``where(lane >= 16 if HI else lane < 16, x, 0)`` on whole 32-bit registers of int8 x (four per register)."""
+        if HI:
+            asm: gl.constexpr = ("{ .reg .pred p; .reg .u32 l; mov.u32 l, %laneid; setp.ge.u32 p, l, 16;"
+                                 " selp.b32 $0, $1, 0, p; }")
+        else:
+            asm: gl.constexpr = ("{ .reg .pred p; .reg .u32 l; mov.u32 l, %laneid; setp.lt.u32 p, l, 16;"
+                                 " selp.b32 $0, $1, 0, p; }")
+        return gl.inline_asm_elementwise(asm, "=r,r", [x], dtype=gl.int8, is_pure=True, pack=4)
 
     @gluon.jit
     def _by_half(x, MMA: gl.constexpr):
@@ -381,20 +409,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _other_half(x):
-        """x [R, G_PAD] with columns c and c xor G_PAD/2 exchanged (HALF: the other half of the tile, same head). Once
-        per program: through a layout that holds both halves in one thread."""
-        R: gl.constexpr = x.shape[0]
-        y = gl.permute(gl.reshape(x, [R, 2, _G // 2]), [0, 2, 1])  # [R, head, half]
-        y = gl.convert_layout(y, gl.BlockedLayout([1, 1, 2], [8, 4, 1], [1, 1, 1], [2, 1, 0]))
-        a, b = gl.split(y)
-        return gl.convert_layout(gl.reshape(gl.permute(gl.join(b, a), [0, 2, 1]), [R, _G]), x.type.layout)
-
-    @gluon.jit
-    def _other_half1(v):
-        """:func:`_other_half` of a vector [G_PAD]."""
-        y = gl.permute(gl.reshape(v, [2, _G // 2]), [1, 0])
-        a, b = gl.split(gl.convert_layout(y, gl.BlockedLayout([1, 2], [32, 1], [1, 1], [1, 0])))
-        return gl.convert_layout(gl.reshape(gl.permute(gl.join(b, a), [1, 0]), [_G]), v.type.layout)
+        """x [R, G_PAD] in the MMA accumulator layout, or a vector [G_PAD] in its column slice, with columns c and
+        c xor G_PAD/2 exchanged (HALF: the other half of the tile, same head). There column c sits in lane bits 0-1
+        (``c // 2 == lane % 4``), so the exchange is one butterfly shuffle (lane xor 2) per register; once per
+        program (a conversion through a layout holding both halves took ~170 instructions)."""
+        gl.static_assert(_G == 8, "the lane xor 2 exchange is columns c and c ^ 4 of 8")
+        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", "=r,r", [x],
+                                         dtype=gl.float32, is_pure=True, pack=1)
 
     @gluon.jit
     def _rint(x):
@@ -1022,8 +1043,9 @@ if HAVE_GLUON:
         if KI8:
             # int8 halves of a signed 16-bit query, |q| <= 32639 so that both halves fit (q0 = (q + 128) >> 8 <= 127,
             # q1 = q - 256 q0 in [-128, 127]): the scores are then exact sums of integers
-            qk, mult = _q_operand_i8(q, sqh, ksp, qscale, G, K_BITS, K_NSEP, BL, HALF)
-            qnorm = 32639.0 / gl.maximum(gl.max(gl.max(gl.abs(qk), axis=1), axis=0), 1e-30)
+            qk, mult = _q_operand_i8(q, sqh, ksp, qscale, G, K_BITS, K_NSEP, OPQ, HALF)
+            # over the slots first: in OPQ those are a thread's own registers (then two shuffles), the heads last
+            qnorm = 32639.0 / gl.maximum(gl.max(gl.max(gl.abs(qk), axis=0), axis=0), 1e-30)
             q16 = _rint(qk * qnorm)
             q0 = (q16 + 128) >> 8
             q1 = (q16 - q0 * 256).to(gl.int8)
@@ -1033,7 +1055,7 @@ if HAVE_GLUON:
                 q1 = _half_q(q1)
             q0 = gl.convert_layout(q0, OPQ)
             q1 = gl.convert_layout(q1, OPQ)
-            qoff = gl.sum(q16.to(gl.float32) * mult[:, None], axis=0)
+            qoff = gl.sum(q16 * mult[:, None], axis=0).to(gl.float32)  # (exact: |sum| < 2^24)
             q2 = q0  # placeholders
             q3 = q1
         else:
@@ -1144,12 +1166,12 @@ if HAVE_GLUON:
             prs = gl.convert_layout(gl.sum(pvs, axis=0), gl.SliceLayout(0, MMA))
         if HALF:
             # columns c and c xor G_PAD/2 are one query head over the two halves of every tile: merged as two splits
-            m_o = _other_half1(m_i)
+            m_o = _other_half(m_i)
             m_c = gl.maximum(m_i, m_o)
             w_s = gl.exp2(m_i - m_c)
             w_o = gl.exp2(m_o - m_c)
-            l_i = l_i * w_s + _other_half1(l_i) * w_o
-            prs = prs * w_s + _other_half1(prs) * w_o
+            l_i = l_i * w_s + _other_half(l_i) * w_o
+            prs = prs * w_s + _other_half(prs) * w_o
             acc0 = acc0 * w_s[None, :] + _other_half(acc0) * w_o[None, :]
             acc1 = acc1 * w_s[None, :] + _other_half(acc1) * w_o[None, :]
             acc2 = acc2 * w_s[None, :] + _other_half(acc2) * w_o[None, :]
@@ -1165,6 +1187,53 @@ if HAVE_GLUON:
         g = gl.arange(0, _G, layout=gl.SliceLayout(0, MMA))
         gl.store(pm_ptr + part * G + g, m_i, mask=g < G)
         gl.store(pl_ptr + part * G + g, l_i, mask=g < G)
+
+    @gluon.jit
+    def _merge_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, sob, soh, Hq, n_slots, cnt_ptr, G: gl.constexpr,
+                      S_BLOCK: gl.constexpr, CLAIMS: gl.constexpr):
+        """out[b, hq, d] = sum_s 2^(m_s - M) acc_s[d] / sum_s 2^(m_s - M) l_s over the partials of one query head:
+        :func:`kvcompile.kernels.decode._merge_kernel`'s math, one warp per (batch, query head, 32 channels). Each
+        lane holds every partial of its channel in registers, so the sums over the partials are in-thread: no
+        shared-memory reduction and no barrier between warps; only the weights 2^(m_s - M), computed once per warp
+        (a few partials per lane), are broadcast to the lanes. Launched as the split kernel's programmatic
+        dependent: it waits for that grid's results first. CLAIMS: zero the KV head's tile counter (see there). G is a
+        constant, so that the partials' rows lie at constant offsets from one address per lane (immediates)."""
+        # griddepcontrol.wait: the split grid has completed and its writes are visible
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        PL: gl.constexpr = gl.BlockedLayout([S_BLOCK, 1], [1, 32], [1, 1], [0, 1])  # [partial, channel]
+        ML: gl.constexpr = gl.BlockedLayout([S_BLOCK // 32], [32], [1], [0])  # the partials' m and l over the lanes
+        pid = gl.program_id(0)
+        dc = gl.program_id(1)
+        b = pid // Hq
+        hq = pid % Hq
+        bh = b * (Hq // G) + hq // G
+        base = bh * n_slots  # first partial of this (batch, KV head)
+        g = hq % G
+        if CLAIMS:
+            gl.store(cnt_ptr + bh, 0, mask=(g == 0) & (dc == 0))
+        d = dc * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, PL))
+        acc = gl.zeros([32], gl.float32, layout=gl.SliceLayout(0, PL))
+        den = gl.sum(gl.zeros([S_BLOCK], gl.float32, layout=ML), axis=0)
+        m_run = gl.max(gl.full([S_BLOCK], _NEG, gl.float32, layout=ML), axis=0)
+        # (one block as the host launches it: at most MERGE_MAX partials, see merge(); the loop over more blocks has
+        # not run on a GPU)
+        for s0 in range(0, n_slots, S_BLOCK):
+            s = s0 + gl.arange(0, S_BLOCK, layout=ML)
+            smask = s < n_slots
+            m = gl.load(pm_ptr + (base + s) * G + g, mask=smask, other=_NEG)
+            lv = gl.load(pl_ptr + (base + s) * G + g, mask=smask, other=0.0)
+            sp = gl.arange(0, S_BLOCK, layout=gl.SliceLayout(1, PL))
+            row0 = pacc_ptr + ((base + s0) * G + g) * _D + d
+            part = gl.load(row0[None, :] + (sp * (G * _D))[:, None],
+                           mask=(s0 + sp < n_slots)[:, None] & (d >= 0)[None, :], other=0.0)
+            m_new = gl.maximum(m_run, gl.max(m, axis=0))
+            keep = gl.exp2(m_run - m_new)
+            w = gl.where(smask, gl.exp2(m - m_new), 0.0)
+            den = den * keep + gl.sum(w * lv, axis=0)
+            acc = acc * keep + gl.sum(gl.convert_layout(w, gl.SliceLayout(1, PL))[:, None] * part, axis=0)
+            m_run = m_new
+        o = acc / gl.where(den > 0.0, den, 1.0)
+        gl.store(out_ptr + b.to(gl.int64) * sob + hq * soh + d, o.to(out_ptr.dtype.element_ty))
 
 
 @cache
@@ -1255,3 +1324,17 @@ def launch(q, k_data, k_r, k_scale, v_data, v_r, v_scale, fp_k, fp_v, pm, pl, pa
         FDT=fdt, CLAIM=claim, KI8=bool(k_i8), G4=G <= G_PAD // 2,
         **gluon_layouts(k_bits, v_bits, bool(k_i8)), num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
+
+
+def merge(pm, pl, pacc, out, Hq: int, G: int, n_slots: int, counters=None) -> None:
+    """Combine the partials that :func:`launch` wrote into ``out`` [B, Hq, 128] (:func:`_merge_kernel`), as that
+    launch's programmatic dependent. ``counters``: that launch's claim counters (:func:`launch_counters`), which
+    are zeroed here for the next launch; None without claims. At most :data:`MERGE_MAX` partials per KV head (the
+    host sends longer lists to :func:`kvcompile.kernels.decode._merge_kernel`): the kernel's loop over blocks of
+    64 partials has not run on a GPU yet."""
+    if n_slots > MERGE_MAX:
+        raise ValueError(f"merge: {n_slots} partials per KV head, at most {MERGE_MAX}")
+    B = out.shape[0]
+    _merge_kernel[(B * Hq, HEAD_DIM // 32)](
+        pm, pl, pacc, out, out.stride(0), out.stride(1), Hq, n_slots, counters if counters is not None else pm,
+        G=G, S_BLOCK=64 if n_slots > 32 else 32, CLAIMS=counters is not None, num_warps=1, launch_pdl=True)

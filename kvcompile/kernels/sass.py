@@ -49,20 +49,52 @@ def resource_usage(cubin: bytes) -> str:
     return _cuobjdump(cubin, "--dump-resource-usage").strip().splitlines()[-1].strip()
 
 
-def loop_histogram(sass: str) -> tuple[int, collections.Counter]:
-    """(instructions, opcode counts) of the backward-branch loop with the most tensor-core instructions (the longest
-    such loop on a tie): a decode kernel's main loop over packed tokens."""
-    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    best: tuple[int, collections.Counter] = (0, collections.Counter())
+def _instructions(sass: str) -> list[tuple[int, str]]:
+    return [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+
+def _opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
+def _main_loop(ins: list[tuple[int, str]]) -> tuple[int, int] | None:
+    """(first, last) address of the backward-branch loop with the most tensor-core instructions (the longest such
+    loop on a tie), or None."""
+    best: tuple[tuple[int, int], tuple[int, int]] | None = None
     for addr, text in ins:
         target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < addr:
-            body = [x for a, x in ins if int(target.group(1), 16) <= a <= addr]
-            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body)
+            lo = int(target.group(1), 16)
+            body = [x for a, x in ins if lo <= a <= addr]
+            ops = collections.Counter(_opcode(x) for x in body)
             mma = ops["HMMA"] + ops["HGMMA"] + ops["IMMA"]
-            if mma and (mma, len(body)) > (best[1]["HMMA"] + best[1]["HGMMA"] + best[1]["IMMA"], best[0]):
-                best = (len(body), ops)
-    return best
+            if mma and (best is None or (mma, len(body)) > best[0]):
+                best = ((mma, len(body)), (lo, addr))
+    return best[1] if best else None
+
+
+def loop_histogram(sass: str) -> tuple[int, collections.Counter]:
+    """(instructions, opcode counts) of the backward-branch loop with the most tensor-core instructions (the longest
+    such loop on a tie): a decode kernel's main loop over packed tokens."""
+    ins = _instructions(sass)
+    loop = _main_loop(ins)
+    if loop is None:
+        return 0, collections.Counter()
+    ops = collections.Counter(_opcode(x) for a, x in ins if loop[0] <= a <= loop[1])
+    return sum(ops.values()), ops
+
+
+def program_sections(sass: str) -> tuple[int, int, int]:
+    """Instructions (static: both sides of every branch count) before the main loop (:func:`loop_histogram`), in
+    it, and after it up to the first EXIT: a program's setup, its per-tile loop and its epilogue."""
+    ins = _instructions(sass)
+    loop = _main_loop(ins)
+    if loop is None:
+        return len(ins), 0, 0
+    exits = [a for a, x in ins if a > loop[1] and _opcode(x) == "EXIT"]
+    end = exits[0] if exits else ins[-1][0]
+    return (sum(a < loop[0] for a, _ in ins), sum(loop[0] <= a <= loop[1] for a, _ in ins),
+            sum(loop[1] < a <= end for a, _ in ins))
 
 
 _TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
@@ -87,12 +119,13 @@ def capture_launch(k_fmt: KVFormat, v_fmt: KVFormat, B: int, hq: int, hkv: int, 
             return launch
 
     real = (dec._decode_split_kernel, dec._merge_kernel, dec.backend_for, dec.num_sms)
-    real_g = (decode_gluon._quant_split_kernel, decode_gluon.supported)
+    real_g = (decode_gluon._quant_split_kernel, decode_gluon.supported, decode_gluon.merge)
     dec._decode_split_kernel, dec._merge_kernel = Grab(not gluon), Grab(False)
     dec.backend_for, dec.num_sms = (lambda t: "triton"), (lambda i: 132)
     if gluon:
         decode_gluon._quant_split_kernel = Grab(True)
         decode_gluon.supported = lambda *a, **k: True  # the CPU tensors stand for a Hopper GPU's
+        decode_gluon.merge = lambda *a, **k: None
     try:
         def store(fmt: KVFormat, role: str) -> tuple[dict, torch.Tensor | None]:
             scale = torch.rand(hkv, d) + 0.5 if fmt.kind == "nsep" else None
@@ -105,7 +138,7 @@ def capture_launch(k_fmt: KVFormat, v_fmt: KVFormat, B: int, hq: int, hkv: int, 
                     0.088, kscale, vscale, None, None, None, None)
     finally:
         dec._decode_split_kernel, dec._merge_kernel, dec.backend_for, dec.num_sms = real
-        decode_gluon._quant_split_kernel, decode_gluon.supported = real_g
+        decode_gluon._quant_split_kernel, decode_gluon.supported, decode_gluon.merge = real_g
     return seen["args"], seen["kw"]
 
 
