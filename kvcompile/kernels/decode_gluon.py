@@ -350,14 +350,16 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _lanes_half(x, HI: gl.constexpr):
-        """``where(lane >= 16 if HI else lane < 16, x, 0)`` on whole 32-bit registers of int8 x (four per register)."""
+        """``where(lane >= 16 if HI else lane < 16, x, 0)`` on whole 32-bit registers of x (8- or 16-bit elements:
+        four or two per register), one select each."""
         if HI:
             asm: gl.constexpr = ("{ .reg .pred p; .reg .u32 l; mov.u32 l, %laneid; setp.ge.u32 p, l, 16;"
                                  " selp.b32 $0, $1, 0, p; }")
         else:
             asm: gl.constexpr = ("{ .reg .pred p; .reg .u32 l; mov.u32 l, %laneid; setp.lt.u32 p, l, 16;"
                                  " selp.b32 $0, $1, 0, p; }")
-        return gl.inline_asm_elementwise(asm, "=r,r", [x], dtype=gl.int8, is_pure=True, pack=4)
+        PACK: gl.constexpr = 32 // x.dtype.primitive_bitwidth
+        return gl.inline_asm_elementwise(asm, "=r,r", [x], dtype=x.dtype, is_pure=True, pack=PACK)
 
     @gluon.jit
     def _by_half(x, MMA: gl.constexpr):
@@ -376,13 +378,7 @@ if HAVE_GLUON:
         to 0: ``where(c >= G_PAD/2 if HI else c < G_PAD/2, pt, 0)``. In that operand layout column c is lane // 4,
         so a lane keeps or clears whole 32-bit registers (two weights): one select per register, where a select
         per fp16 element would unpack and repack them."""
-        if HI:
-            asm: gl.constexpr = ("{ .reg .pred p; .reg .u32 l; mov.u32 l, %laneid; setp.ge.u32 p, l, 16;"
-                                 " selp.b32 $0, $1, 0, p; }")
-        else:
-            asm: gl.constexpr = ("{ .reg .pred p; .reg .u32 l; mov.u32 l, %laneid; setp.lt.u32 p, l, 16;"
-                                 " selp.b32 $0, $1, 0, p; }")
-        return gl.inline_asm_elementwise(asm, "=r,r", [pt], dtype=gl.float16, is_pure=True, pack=2)
+        return _lanes_half(pt, HI)
 
     @gluon.jit
     def _first(a, b):
