@@ -56,7 +56,7 @@ tokens per step:
   token r + 32; the same registers), the query [256, 8] block-diagonal (:func:`_half_q`), so the same 32 int8 MMAs
   leave the scores in [32, 8] (8 registers a thread, not 16 of which half were padding), and every step of the
   softmax (scaling, max, exp2, the sums, p·r) runs on half the registers. The value MMAs take the weights as a
-  block-diagonal [64, 8] operand (:func:`_cols_half`); the two halves of a head are merged once, after the loop, as
+  block-diagonal [64, 8] operand (:func:`_half_q` too); the two halves of a head are merged once, after the loop, as
   two splits are. There the growth check of the running max is also one warp vote (:func:`_any_positive`) instead of
   a chain of shuffles, and the scores' scale joins the subtraction of the running max (one fused multiply-add).
 
@@ -336,17 +336,22 @@ if HAVE_GLUON:
         return qt / multi.to(gl.float32)[:, None], multi
 
     @gluon.jit
-    def _half_q(q):
-        """HALF: the int8 query [128, G_PAD] (layout OPQ) -> [256, G_PAD]: column c keeps slots ``128 h + k`` where
-        h = (c >= G_PAD/2), zeros elsewhere. With the keys of :func:`_k_operand_i8` (row r: token r in slots 0-127,
-        token r + BLOCK_N/2 in slots 128-255) score column c is then token ``r + (BLOCK_N/2) h`` against query head
-        c mod G_PAD/2. In the B operand layout column c is lane // 4, so a lane keeps or clears whole 32-bit
-        registers (one select per four slots), and the halves become register bits of the same layout (the
-        conversion to the [256, G_PAD] operand moves nothing)."""
-        lo = _lanes_half(q, False)
-        hi = _lanes_half(q, True)
-        j = gl.join(lo, hi)  # [slot, c, h]
-        return gl.reshape(gl.permute(j, [2, 0, 1]), [2 * _D, _G])
+    def _half_q(x):
+        """HALF: a B operand [K, G_PAD] (8- or 16-bit, its layout: column c is lane // 4) -> [2K, G_PAD]
+        block-diagonal, for a dot that runs over two tiles' rows: column c keeps rows ``K h + k`` where
+        h = (c >= G_PAD/2), zeros elsewhere.
+
+        - The int8 query [128, G_PAD]: with the keys of :func:`_k_operand_i8` (row r: token r in slots 0-127,
+          token r + BLOCK_N/2 in slots 128-255) score column c is then token ``r + (BLOCK_N/2) h`` against query
+          head c mod G_PAD/2.
+        - The softmax weights [BLOCK_N/2, G_PAD]: the values' dot runs over all BLOCK_N tokens, column c over rows
+          [0, BLOCK_N/2) or [BLOCK_N/2, BLOCK_N) of it.
+
+        A lane keeps or clears whole 32-bit registers (one select each, :func:`_lanes_half`; a select per element
+        would unpack and repack them), and the halves become register bits of the same layout (the conversion to
+        the [2K, G_PAD] operand moves nothing)."""
+        j = gl.join(_lanes_half(x, False), _lanes_half(x, True))  # [row, c, h]
+        return gl.reshape(gl.permute(j, [2, 0, 1]), [2 * x.shape[0], _G])
 
     @gluon.jit
     def _lanes_half(x, HI: gl.constexpr):
@@ -371,14 +376,6 @@ if HAVE_GLUON:
         hi = gl.convert_layout(hi, gl.SliceLayout(1, MMA))
         c = gl.arange(0, _G, layout=gl.SliceLayout(0, MMA))
         return gl.where((c >= _G // 2)[None, :], hi[:, None], lo[:, None])
-
-    @gluon.jit
-    def _cols_half(pt, HI: gl.constexpr):
-        """HALF: the softmax weights' B operand [R, G_PAD] (fp16, layout OPB) with the columns of the other half set
-        to 0: ``where(c >= G_PAD/2 if HI else c < G_PAD/2, pt, 0)``. In that operand layout column c is lane // 4,
-        so a lane keeps or clears whole 32-bit registers (two weights): one select per register, where a select
-        per fp16 element would unpack and repack them."""
-        return _lanes_half(pt, HI)
 
     @gluon.jit
     def _first(a, b):
@@ -896,8 +893,7 @@ if HAVE_GLUON:
             pt = _p_operand(pv.to(gl.float16), OPB)  # [R, G_PAD]
             pvs = mma_v2(gl.full([16, R], 1.0, gl.float16, layout=OPA), pt, pvs)
             # the values' dot runs over all BN tokens: column c takes rows [0, R) (c < G_PAD/2) or [R, BN) of it
-            pt = gl.reshape(gl.permute(gl.join(_cols_half(pt, False), _cols_half(pt, True)), [2, 0, 1]), [BN, _G])
-            pt = gl.convert_layout(pt, OPB)
+            pt = gl.convert_layout(_half_q(pt), OPB)
         elif LEAN:
             rv = rv.to(gl.float32)
             if n0 + BN > hi:  # a word's second token may lie past the end

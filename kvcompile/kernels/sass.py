@@ -119,13 +119,15 @@ def capture_launch(k_fmt: KVFormat, v_fmt: KVFormat, B: int, hq: int, hkv: int, 
             return launch
 
     real = (dec._decode_split_kernel, dec._merge_kernel, dec.backend_for, dec.num_sms)
-    real_g = (decode_gluon._quant_split_kernel, decode_gluon.supported, decode_gluon.merge)
+    # (this module also serves copies of older trees, whose decode_gluon had no merge of its own: none to stub)
+    real_g = (decode_gluon._quant_split_kernel, decode_gluon.supported, getattr(decode_gluon, "merge", None))
     dec._decode_split_kernel, dec._merge_kernel = Grab(not gluon), Grab(False)
     dec.backend_for, dec.num_sms = (lambda t: "triton"), (lambda i: 132)
     if gluon:
         decode_gluon._quant_split_kernel = Grab(True)
         decode_gluon.supported = lambda *a, **k: True  # the CPU tensors stand for a Hopper GPU's
-        decode_gluon.merge = lambda *a, **k: None
+        if real_g[2] is not None:
+            decode_gluon.merge = lambda *a, **k: None
     try:
         def store(fmt: KVFormat, role: str) -> tuple[dict, torch.Tensor | None]:
             scale = torch.rand(hkv, d) + 0.5 if fmt.kind == "nsep" else None
@@ -138,7 +140,9 @@ def capture_launch(k_fmt: KVFormat, v_fmt: KVFormat, B: int, hq: int, hkv: int, 
                     0.088, kscale, vscale, None, None, None, None)
     finally:
         dec._decode_split_kernel, dec._merge_kernel, dec.backend_for, dec.num_sms = real
-        decode_gluon._quant_split_kernel, decode_gluon.supported, decode_gluon.merge = real_g
+        decode_gluon._quant_split_kernel, decode_gluon.supported = real_g[:2]
+        if real_g[2] is not None:
+            decode_gluon.merge = real_g[2]
     return seen["args"], seen["kw"]
 
 
